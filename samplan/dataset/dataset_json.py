@@ -1,0 +1,113 @@
+"""dataset.json (nnU-Net v2 schema): loading, label/region helpers and the list of training cases."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from samplan.errors import DatasetError
+
+DatasetJson = dict[str, Any]
+# case id -> {"images": [channel files in channel order], "label": label file}
+CaseFiles = dict[str, dict[str, Any]]
+
+
+def load_dataset_json(raw_dir: str | Path) -> DatasetJson:
+    """Read `raw_dir/dataset.json`; raise DatasetError naming the file if it is missing or not JSON."""
+    path = Path(raw_dir) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist. Every raw dataset needs a dataset.json (nnU-Net v2 format).")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}). Fix the syntax at line {e.lineno}.") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def num_channels(dataset_json: DatasetJson) -> int:
+    """Number of input channels declared in `channel_names`."""
+    return len(dataset_json["channel_names"])
+
+
+def channel_names(dataset_json: DatasetJson) -> list[str]:
+    """Channel names in channel order ("0", "1", ...)."""
+    cn = dataset_json["channel_names"]
+    return [cn[k] for k in sorted(cn, key=int)]
+
+
+def uses_regions(dataset_json: DatasetJson) -> bool:
+    """True when any label is declared as a list of values (region-based training, e.g. BraTS WT/TC/ET)."""
+    return any(isinstance(v, (list, tuple)) for v in dataset_json["labels"].values())
+
+
+def ignore_label(dataset_json: DatasetJson) -> int | None:
+    """The value of the `ignore` label, if declared."""
+    v = dataset_json["labels"].get("ignore")
+    return int(v) if v is not None and not isinstance(v, (list, tuple)) else None
+
+
+def label_values(dataset_json: DatasetJson) -> list[int]:
+    """Every integer value that may appear in a label file (background included), sorted."""
+    values: set[int] = set()
+    for v in dataset_json["labels"].values():
+        if isinstance(v, (list, tuple)):
+            values.update(int(i) for i in v)
+        else:
+            values.add(int(v))
+    return sorted(values)
+
+
+def foreground_labels(dataset_json: DatasetJson) -> list[int]:
+    """Label values that are foreground (not background, not ignore), sorted."""
+    ign = ignore_label(dataset_json)
+    return [v for v in label_values(dataset_json) if v != 0 and v != ign]
+
+
+def regions(dataset_json: DatasetJson) -> list[tuple[int, ...]]:
+    """Foreground regions in `regions_class_order`; plain labels become one-value regions."""
+    out = []
+    for name, v in dataset_json["labels"].items():
+        if name in ("background", "ignore"):
+            continue
+        out.append(tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else (int(v),))
+    return out
+
+
+def list_training_cases(raw_dir: str | Path, dataset_json: DatasetJson) -> CaseFiles:
+    """Map each training case id to its channel files and label file (paths may not exist: verify checks)."""
+    raw_dir = Path(raw_dir)
+    ending = dataset_json["file_ending"]
+    if "dataset" in dataset_json:  # explicit listing, paths relative to the dataset folder
+        return {
+            case: {"images": [raw_dir / p for p in entry["images"]], "label": raw_dir / entry["label"]}
+            for case, entry in sorted(dataset_json["dataset"].items())
+        }
+    labels_dir = raw_dir / "labelsTr"
+    cases = sorted(p.name[: -len(ending)] for p in labels_dir.glob(f"*{ending}") if not p.name.startswith("."))
+    images = _channel_files(raw_dir / "imagesTr", ending)
+    # an RGB PNG holds three channels in one file, so the file count is what is on disk, not len(channel_names)
+    return {case: {"images": images.get(case, []), "label": labels_dir / f"{case}{ending}"} for case in cases}
+
+
+def _channel_files(folder: Path, file_ending: str) -> dict[str, list[Path]]:
+    """Group `{case}_{XXXX}{ending}` files of `folder` by case id, sorted by channel index."""
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(folder.glob(f"*{file_ending}")):
+        stem = p.name[: -len(file_ending)]
+        if len(stem) >= 6 and stem[-5] == "_" and stem[-4:].isdigit():
+            groups.setdefault(stem[:-5], []).append(p)
+    return groups
+
+
+def group_images_by_case(folder: str | Path, file_ending: str) -> dict[str, list[Path]]:
+    """Group the `{case}_{XXXX}{ending}` files of a prediction input folder by case id, channels in order."""
+    folder = Path(folder)
+    stray = [p for p in folder.glob(f"*{file_ending}") if p not in {f for fs in _channel_files(folder, file_ending).values() for f in fs}]
+    if stray:
+        raise DatasetError(
+            f"{stray[0]}: input files must be named {{case}}_{{XXXX}}{file_ending} (XXXX = 4-digit channel index)."
+        )
+    return _channel_files(folder, file_ending)

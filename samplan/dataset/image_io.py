@@ -1,0 +1,162 @@
+"""Image readers and writers chosen by file ending.
+
+Arrays crossing this boundary are channel-first `(C, Z, Y, X)` in numpy (SimpleITK) axis order, and
+`properties["spacing"]` is given in that same order (mm). 2D images become `(C, 1, Y, X)` with a
+large dummy spacing on the first axis, as nnU-Net does, so 2D and 3D share one code path.
+`properties` is plain JSON: everything needed to write a label map back with the input's geometry.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from samplan.errors import DatasetError
+
+SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
+NATURAL_ENDINGS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+SUPPORTED_ENDINGS = SITK_ENDINGS + NATURAL_ENDINGS
+# nnU-Net's convention for the dummy out-of-plane spacing of 2D images
+_DUMMY_2D_FACTOR = 999.0
+
+Properties = dict[str, Any]
+
+
+def _kind(path: str | Path) -> str:
+    """'sitk' or 'natural' from the file name; DatasetError for anything else."""
+    name = str(path).lower()
+    if name.endswith(SITK_ENDINGS):
+        return "sitk"
+    if name.endswith(NATURAL_ENDINGS):
+        return "natural"
+    raise DatasetError(
+        f"{path}: unsupported file ending. Supported: {', '.join(SUPPORTED_ENDINGS)}. "
+        "Set `file_ending` in dataset.json to one of them and convert the files."
+    )
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
+    """One SimpleITK file -> (C, Z, Y, X) array and geometry."""
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]}).") from e
+    arr = sitk.GetArrayFromImage(img)
+    spacing = list(img.GetSpacing())
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise DatasetError(f"{path}: vector/RGB pixels in a {path.suffix} file are not supported; store one channel per file.")
+    if arr.ndim == 2:
+        arr = arr[None, None]
+        nn_spacing = [max(spacing) * _DUMMY_2D_FACTOR, *spacing[::-1]]
+    elif arr.ndim == 3:
+        arr = arr[None]
+        nn_spacing = spacing[::-1]
+    else:
+        raise DatasetError(f"{path}: {arr.ndim}D images are not supported (expected 2D or 3D, one channel per file).")
+    props = {
+        "spacing": [abs(float(s)) for s in nn_spacing],
+        "geometry": {
+            "kind": "sitk",
+            "spacing": spacing,
+            "origin": list(img.GetOrigin()),
+            "direction": list(img.GetDirection()),
+            "ndim": img.GetDimension(),
+        },
+    }
+    return arr, props
+
+
+def _read_natural(path: Path) -> tuple[np.ndarray, Properties]:
+    """One 2D natural image (PNG, ...) -> (C, 1, Y, X): RGB keeps 3 channels, grey gives 1, alpha is dropped."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGB" if mode != "LA" else "L")
+            elif mode == "I;16":
+                im = im.convert("I")
+            arr = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot be read as an image ({e}).") from e
+    arr = arr.transpose(2, 0, 1)[:, None] if arr.ndim == 3 else arr[None, None]
+    return arr, {"spacing": [_DUMMY_2D_FACTOR, 1.0, 1.0], "geometry": {"kind": "natural", "shape": list(arr.shape[2:])}}
+
+
+def _read_one(path: str | Path) -> tuple[np.ndarray, Properties]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist.")
+    return _read_sitk(path) if _kind(path) == "sitk" else _read_natural(path)
+
+
+def _same_geometry(a: Properties, b: Properties, tol: float = 1e-4) -> bool:
+    """True when two properties describe the same voxel grid (spacing, origin, direction)."""
+    ga, gb = a["geometry"], b["geometry"]
+    if ga["kind"] != gb["kind"]:
+        return False
+    if ga["kind"] == "natural":
+        return ga["shape"] == gb["shape"]
+    return all(np.allclose(ga[k], gb[k], atol=tol, rtol=tol) for k in ("spacing", "origin", "direction"))
+
+
+def read_images(files: Sequence[str | Path]) -> tuple[np.ndarray, Properties]:
+    """Read all channel files of one case -> float32 `(C, Z, Y, X)` and properties; geometry must agree."""
+    arrays, props = [], None
+    for f in files:
+        arr, p = _read_one(f)
+        if props is None:
+            props = p
+        elif arr.shape[1:] != arrays[0].shape[1:]:
+            raise DatasetError(f"{f}: shape {arr.shape[1:]} differs from {files[0]} {arrays[0].shape[1:]}; all channels of a case must share one grid.")
+        elif not _same_geometry(props, p):
+            raise DatasetError(f"{f}: spacing/origin/direction differ from {files[0]}; resample all channels onto one grid.")
+        arrays.append(arr)
+    if props is None:
+        raise DatasetError("read_images called with no files")
+    return np.vstack(arrays).astype(np.float32, copy=False), props
+
+
+def read_seg(file: str | Path) -> tuple[np.ndarray, Properties]:
+    """Read a label map -> integer `(1, Z, Y, X)` array and properties."""
+    arr, props = _read_one(file)
+    if arr.shape[0] != 1:
+        # RGB-saved masks: every channel must carry the same label values
+        if not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
+            raise DatasetError(f"{file}: label image has {arr.shape[0]} differing channels; save labels as a single-channel (grey) image.")
+        arr = arr[:1]
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise DatasetError(f"{file}: label map has non-integer or NaN/Inf values; labels must be integers.")
+    return arr.astype(np.int16 if arr.max(initial=0) > 127 or arr.min(initial=0) < -128 else np.int8), props
+
+
+def write_seg(seg: np.ndarray, path: str | Path, properties: Properties) -> None:
+    """Write a `(Z, Y, X)` label map with the geometry of `properties` (atomic: temp file then rename)."""
+    from samplan.utils import atomic_path
+
+    path = Path(path)
+    geom = properties["geometry"]
+    seg = np.asarray(seg)
+    if seg.ndim == 4 and seg.shape[0] == 1:
+        seg = seg[0]
+    dtype = np.uint8 if seg.min(initial=0) >= 0 and seg.max(initial=0) < 256 else np.int16
+    with atomic_path(path) as tmp:
+        if geom["kind"] == "natural":
+            Image.fromarray(seg[0].astype(np.uint8 if dtype == np.uint8 else np.uint16)).save(tmp, format=_pil_format(path))
+            return
+        arr = seg[0] if geom["ndim"] == 2 else seg
+        img = sitk.GetImageFromArray(arr.astype(dtype, copy=False))
+        img.SetSpacing(geom["spacing"])
+        img.SetOrigin(geom["origin"])
+        img.SetDirection(geom["direction"])
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+
+
+def _pil_format(path: Path) -> str:
+    """PIL format name from a file ending (the temporary file's suffix is not reliable)."""
+    ext = path.name.lower().rsplit(".", 1)[-1]
+    return {"jpg": "JPEG", "jpeg": "JPEG", "tif": "TIFF", "tiff": "TIFF"}.get(ext, ext.upper())

@@ -1,0 +1,1 @@
+"""Experiment planning: dataset fingerprint, the planner and the plans file."""

@@ -1,0 +1,1 @@
+"""Preprocessing: crop to the nonzero region, normalise, resample, and cache cases for training."""

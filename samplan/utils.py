@@ -1,0 +1,62 @@
+"""Small shared helpers: atomic writes and JSON with numpy types."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples so that json can write them."""
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _to_jsonable(obj.tolist())
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # keep the real suffix so that writers which infer the format from it (SimpleITK, blosc2) still work
+    suffix = "".join(target.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
+    """Write `obj` as JSON atomically (numpy types converted)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(_to_jsonable(obj), f, indent=indent, sort_keys=False)
+            f.write("\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,36 @@
+"""samplan: nnU-Net-style self-configuring pipeline for Segment-Anything-family medical segmentation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="samplan",
+    version="0.1.0",
+    description="Self-configuring pipeline for SAM-family medical image segmentation (nnU-Net raw format)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["samplan", "samplan.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "scikit-image>=0.21",
+        "SimpleITK>=2.2",
+        "nibabel>=5.0",
+        "pillow>=9.0",
+        "blosc2>=2.5",
+        "connected-components-3d>=3.12",
+        "acvl-utils>=0.2",
+        "batchgeneratorsv2>=0.2",
+        "dynamic-network-architectures>=0.3",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+        "matplotlib>=3.6",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "samplan_plan_and_preprocess=samplan.cli.plan_and_preprocess:main",
+            "samplan_make_demo_dataset=samplan.cli.make_demo_dataset:main",
+        ]
+    },
+)

@@ -1,0 +1,63 @@
+"""Shared fixtures: isolated SAMPLAN_* folders, synthetic datasets, and the path to ../shared/data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import make_dataset_2d_png, make_dataset_3d  # noqa: E402
+
+SHARED_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
+
+
+@pytest.fixture
+def samplan_env(tmp_path, monkeypatch):
+    """Point SAMPLAN_RAW/PREPROCESSED/RESULTS at empty folders under tmp_path and return them."""
+    dirs = {k: tmp_path / k.lower() for k in ("SAMPLAN_RAW", "SAMPLAN_PREPROCESSED", "SAMPLAN_RESULTS")}
+    for k, d in dirs.items():
+        d.mkdir()
+        monkeypatch.setenv(k, str(d))
+    return dirs
+
+
+@pytest.fixture
+def synth3d(samplan_env):
+    """A small anisotropic 3D dataset with two labels, inside SAMPLAN_RAW."""
+    return make_dataset_3d(samplan_env["SAMPLAN_RAW"])
+
+
+@pytest.fixture
+def synth2d(samplan_env):
+    """A small RGB PNG dataset with one label, inside SAMPLAN_RAW."""
+    return make_dataset_2d_png(samplan_env["SAMPLAN_RAW"])
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a dataset under ../shared/data/raw, or skip the test with a message when it is absent."""
+    p = SHARED_RAW / name
+    if not (p / "dataset.json").is_file():
+        pytest.skip(f"{p} not found: the real-data tests need ../shared/data beside the project")
+    return p
+
+
+def copy_shared_subset(name: str, dest_root: Path, n_cases: int | None = None) -> Path:
+    """Copy the first `n_cases` cases of a shared dataset (images, labels, dataset.json) into dest_root."""
+    import json
+    import shutil
+
+    src = shared_dataset(name)
+    dst = Path(dest_root) / name
+    meta = json.loads((src / "dataset.json").read_text())
+    ending = meta["file_ending"]
+    cases = sorted(p.name[: -len(ending)] for p in (src / "labelsTr").glob(f"*{ending}"))[:n_cases]
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir(parents=True)
+    for c in cases:
+        shutil.copy(src / "labelsTr" / f"{c}{ending}", dst / "labelsTr")
+        for f in (src / "imagesTr").glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}"):
+            shutil.copy(f, dst / "imagesTr")
+    meta["numTraining"] = len(cases)
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return dst
