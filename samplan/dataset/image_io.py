@@ -69,13 +69,15 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
     return arr, props
 
 
-def _read_natural(path: Path) -> tuple[np.ndarray, Properties]:
+def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Properties]:
     """One 2D natural image (PNG, ...) -> (C, 1, Y, X): RGB keeps 3 channels, grey gives 1, alpha is dropped."""
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("RGBA", "LA", "P"):
+            if mode == "P" and label:
+                pass  # palette masks (VOC style): the pixel values are the label indices, not the colours
+            elif mode in ("RGBA", "LA", "P"):
                 im = im.convert("RGB" if mode != "LA" else "L")
             elif mode == "I;16":
                 im = im.convert("I")
@@ -86,11 +88,11 @@ def _read_natural(path: Path) -> tuple[np.ndarray, Properties]:
     return arr, {"spacing": [_DUMMY_2D_FACTOR, 1.0, 1.0], "geometry": {"kind": "natural", "shape": list(arr.shape[2:])}}
 
 
-def _read_one(path: str | Path) -> tuple[np.ndarray, Properties]:
+def _read_one(path: str | Path, label: bool = False) -> tuple[np.ndarray, Properties]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path} does not exist.")
-    return _read_sitk(path) if _kind(path) == "sitk" else _read_natural(path)
+    return _read_sitk(path) if _kind(path) == "sitk" else _read_natural(path, label)
 
 
 def _same_geometry(a: Properties, b: Properties, tol: float = 1e-4) -> bool:
@@ -122,7 +124,7 @@ def read_images(files: Sequence[str | Path]) -> tuple[np.ndarray, Properties]:
 
 def read_seg(file: str | Path) -> tuple[np.ndarray, Properties]:
     """Read a label map -> integer `(1, Z, Y, X)` array and properties."""
-    arr, props = _read_one(file)
+    arr, props = _read_one(file, label=True)
     if arr.shape[0] != 1:
         # RGB-saved masks: every channel must carry the same label values
         if not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
@@ -131,7 +133,10 @@ def read_seg(file: str | Path) -> tuple[np.ndarray, Properties]:
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise DatasetError(f"{file}: label map has non-integer or NaN/Inf values; labels must be integers.")
-    return arr.astype(np.int16 if arr.max(initial=0) > 127 or arr.min(initial=0) < -128 else np.int8), props
+    lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+    # the smallest type that holds every value: a silent wrap (65535 -> -1) would hide a wrong mask
+    dtype = np.int8 if -128 <= lo and hi <= 127 else np.int16 if -32768 <= lo and hi <= 32767 else np.int32
+    return arr.astype(dtype), props
 
 
 def write_seg(seg: np.ndarray, path: str | Path, properties: Properties) -> None:
