@@ -1,0 +1,193 @@
+"""The plans file: typed dataclasses read from / written to the plain plans.json dict, and the compute budget.
+
+plans.json is the single source of truth for every later stage (schema in SCHEMAS.md). Code reads it
+once at the boundary with `Plans.from_dict` / `load_plans` and then uses attributes; `to_dict` gives
+back exactly the dict it was built from (unknown keys are kept in `extra`), so a round trip through
+the dataclasses and JSON changes nothing. Spacings, shapes and patch sizes are in the transposed axis
+order of `transpose_forward`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from samplan.errors import SamplanError
+from samplan.utils import load_json, save_json
+
+PLANS_NAME = "samplanPlans"
+_DEVICE_DEFAULTS = {
+    # memory_gb doubles as nnU-Net's GPU memory target for the U-Net plan, whose default is 8 GB;
+    # max_sam_input: CPU training of a ViT at 1024 is impractical, so CPU plans stay small
+    "cpu": {"memory_gb": 8.0, "max_sam_input": 256},
+    "cuda": {"memory_gb": 8.0, "max_sam_input": 1024},
+}
+
+
+@dataclass(frozen=True)
+class ComputeBudget:
+    """What the planner may assume about the training machine.
+
+    device: "cpu" or "cuda"; memory_gb: memory one training run may use (GPU memory on cuda, RAM on
+    cpu), also the memory target of the U-Net configurations; max_sam_input: largest square input
+    edge (pixels) a SAM-family method may plan.
+    """
+
+    device: str = "cpu"
+    memory_gb: float = _DEVICE_DEFAULTS["cpu"]["memory_gb"]
+    max_sam_input: int = _DEVICE_DEFAULTS["cpu"]["max_sam_input"]
+
+    def __post_init__(self) -> None:
+        if self.device not in _DEVICE_DEFAULTS:
+            raise SamplanError(f"compute budget device {self.device!r} is not known; use one of {sorted(_DEVICE_DEFAULTS)}.")
+        if self.memory_gb <= 0 or self.max_sam_input < 16:
+            raise SamplanError(
+                f"compute budget needs memory_gb > 0 and max_sam_input >= 16, got {self.memory_gb} and {self.max_sam_input}."
+            )
+
+    @classmethod
+    def for_device(cls, device: str, memory_gb: float | None = None) -> "ComputeBudget":
+        """The default budget of `device` ("cpu"/"cuda"), optionally with another memory size."""
+        if device not in _DEVICE_DEFAULTS:
+            raise SamplanError(f"compute budget device {device!r} is not known; use one of {sorted(_DEVICE_DEFAULTS)}.")
+        d = _DEVICE_DEFAULTS[device]
+        return cls(device, d["memory_gb"] if memory_gb is None else float(memory_gb), d["max_sam_input"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ComputeBudget":
+        """Inverse of `to_dict`."""
+        return cls(str(d["device"]), float(d["memory_gb"]), int(d["max_sam_input"]))
+
+
+def _take(d: dict[str, Any], cls: type, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `d` into the dataclass fields of `cls` (all required) and the rest; name missing keys."""
+    names = [f.name for f in fields(cls) if f.name != "extra"]
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise SamplanError(f"{where} lacks {', '.join(missing)}. Re-run samplan_plan_and_preprocess to rewrite plans.json.")
+    return {n: d[n] for n in names}, {k: v for k, v in d.items() if k not in names}
+
+
+@dataclass
+class Architecture:
+    """Network class (dotted path) and its constructor kwargs, as nnU-Net writes them."""
+
+    network_class_name: str
+    arch_kwargs: dict[str, Any]
+    kw_requires_import: list[str]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+        """Read the plan's "architecture" entry."""
+        return cls(d["network_class_name"], dict(d["arch_kwargs"]), list(d["_kw_requires_import"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (key `_kw_requires_import` as nnU-Net spells it)."""
+        return {
+            "network_class_name": self.network_class_name,
+            "arch_kwargs": self.arch_kwargs,
+            "_kw_requires_import": list(self.kw_requires_import),
+        }
+
+
+@dataclass
+class ConfigurationPlan:
+    """One configuration ("3d_fullres" or "2d"): grid, patch, batch, normalisation, resampling, network."""
+
+    data_identifier: str
+    spacing: list[float]
+    median_image_size_in_voxels: list[float]
+    patch_size: list[int]
+    batch_size: int
+    normalization_schemes: list[str]
+    use_mask_for_norm: list[bool]
+    resampling_fn_data_kwargs: dict[str, Any]
+    resampling_fn_seg_kwargs: dict[str, Any]
+    resampling_fn_probabilities_kwargs: dict[str, Any]
+    architecture: Architecture
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        """2 or 3."""
+        return len(self.patch_size)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], name: str = "configuration") -> "ConfigurationPlan":
+        """Read one entry of plans["configurations"]."""
+        known, extra = _take(d, cls, f"plans.json configuration {name!r}")
+        known["architecture"] = Architecture.from_dict(known["architecture"])
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "architecture")}
+        out["architecture"] = self.architecture.to_dict()
+        return {**out, **self.extra}
+
+
+@dataclass
+class Plans:
+    """The whole plans file: the base part shared by all methods plus one section per method."""
+
+    dataset_name: str
+    plans_name: str
+    original_median_spacing_after_transp: list[float]
+    original_median_shape_after_transp: list[int]
+    image_reader_writer: str
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    foreground_intensity_properties_per_channel: dict[str, dict[str, float]]
+    configurations: dict[str, ConfigurationPlan]
+    methods: dict[str, dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plans":
+        """Read a plans.json dict; SamplanError naming the missing key if it is incomplete."""
+        known, extra = _take(d, cls, "plans.json")
+        known["configurations"] = {k: ConfigurationPlan.from_dict(v, k) for k, v in known["configurations"].items()}
+        known["methods"] = dict(known["methods"])
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, equal to the dict `from_dict` was given."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "configurations")}
+        out["configurations"] = {k: v.to_dict() for k, v in self.configurations.items()}
+        # keep the schema's key order: configurations before methods
+        ordered = {k: out[k] for k in out if k != "methods"}
+        ordered["methods"] = out["methods"]
+        return {**ordered, **self.extra}
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        """One configuration by name; SamplanError listing the planned ones on a typo."""
+        if name not in self.configurations:
+            raise SamplanError(
+                f"configuration {name!r} is not in the plans of {self.dataset_name}; planned: {', '.join(self.configurations)}."
+            )
+        return self.configurations[name]
+
+    def method_section(self, name: str) -> dict[str, Any]:
+        """The plan section of one method; SamplanError listing the planned methods if it is absent."""
+        if name not in self.methods:
+            raise SamplanError(
+                f"method {name!r} has no section in the plans of {self.dataset_name} (planned: {', '.join(self.methods)}). "
+                f"Re-plan with `samplan_plan_and_preprocess -d {self.dataset_name}`."
+            )
+        return self.methods[name]
+
+
+def load_plans(path: str | os.PathLike) -> Plans:
+    """Read plans.json into `Plans`."""
+    if not os.path.isfile(path):
+        raise SamplanError(f"{path} does not exist. Run samplan_plan_and_preprocess for this dataset first.")
+    return Plans.from_dict(load_json(path))
+
+
+def save_plans(plans: Plans | dict[str, Any], path: str | os.PathLike) -> None:
+    """Write plans (dataclass or dict) to `path` atomically."""
+    save_json(plans.to_dict() if isinstance(plans, Plans) else plans, path)
