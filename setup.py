@@ -26,11 +26,12 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.6",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2"]},
     entry_points={
         "console_scripts": [
             "samplan_plan_and_preprocess=samplan.cli.plan_and_preprocess:main",
             "samplan_make_demo_dataset=samplan.cli.make_demo_dataset:main",
+            "samplan_evaluate=samplan.cli.evaluate:main",
         ]
     },
 )

@@ -1,0 +1,1 @@
+"""Evaluation: per-case metrics and folder evaluation into summary.json."""
