@@ -24,6 +24,7 @@ setup(
         "dynamic-network-architectures>=0.3",
         "tqdm>=4.60",
         "psutil>=5.9",
+        "threadpoolctl>=3.0",
         "matplotlib>=3.6",
     ],
     extras_require={"test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2"]},

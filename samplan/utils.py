@@ -11,23 +11,18 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def _to_jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays and tuples so that json can write them."""
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+def _json_default(obj: Any) -> Any:
+    """json.dump hook for the values json does not know: numpy scalars/arrays and paths.
+
+    A hook instead of a pre-walk of the whole object: properties can hold tens of thousands of coordinates.
+    """
     if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist())
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, Path):
         return str(obj)
-    return obj
+    raise TypeError(f"{type(obj).__name__} cannot be written as JSON")
 
 
 @contextmanager
@@ -56,7 +51,7 @@ def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
     """Write `obj` as JSON atomically (numpy types converted)."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(_to_jsonable(obj), f, indent=indent, sort_keys=False)
+            json.dump(obj, f, indent=indent, default=_json_default)
             f.write("\n")
 
 
