@@ -83,3 +83,14 @@ def dataset_id(name: str) -> int:
     if not m:
         raise SamplanError(f"'{name}' is not a dataset folder name of the form DatasetXXX_Name")
     return int(m.group(1))
+
+
+def model_dir(dataset_name: str, method: str, configuration: str, plans_name: str = "samplanPlans") -> Path:
+    """Trained-model folder `SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>` (folds inside)."""
+    return results_root() / dataset_name / f"{method}__{plans_name}__{configuration}"
+
+
+def parse_model_dir_name(name: str) -> tuple[str, str, str] | None:
+    """(method, plans_name, configuration) from a model folder name, or None if it is not one."""
+    parts = name.split("__")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
