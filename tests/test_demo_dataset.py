@@ -128,3 +128,16 @@ def test_cli_defaults_to_samplan_raw_and_refuses_foreign_folder(samplan_env, tmp
     assert "not written by samplan_make_demo_dataset" in capsys.readouterr().err
     assert not (foreign / "imagesTr").exists()
     assert demo_main(["--cases", "0"]) != 0
+
+
+def test_held_out_cases_differ_from_training_cases(tmp_path):
+    """--test-cases writes imagesTs/labelsTs with new cases; the training cases stay unchanged."""
+    from samplan.dataset.demo import write_demo_dataset
+
+    ds = write_demo_dataset(tmp_path, n_cases=2, seed=0, n_test_cases=2)
+    assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == ["demo_002_0000.nii.gz", "demo_003_0000.nii.gz"]
+    assert sorted(p.name for p in (ds / "labelsTs").iterdir()) == ["demo_002.nii.gz", "demo_003.nii.gz"]
+    assert sorted(p.name for p in (ds / "labelsTr").iterdir()) == ["demo_000.nii.gz", "demo_001.nii.gz"]
+    tr = (ds / "imagesTr" / "demo_001_0000.nii.gz").read_bytes()
+    ts = (ds / "imagesTs" / "demo_002_0000.nii.gz").read_bytes()
+    assert tr != ts

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", default=None, metavar="OUT_RAW_DIR", help="raw datasets folder (default: SAMPLAN_RAW)")
     p.add_argument("--cases", type=int, default=12, help="number of training cases (default: 12)")
+    p.add_argument("--test-cases", type=int, default=0, help="held-out cases written to imagesTs/labelsTs (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files (default: 0)")
     return p
 
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from samplan.paths import raw_root
 
         out = args.output if args.output is not None else raw_root()
-        ds = write_demo_dataset(out, n_cases=args.cases, seed=args.seed)
-        print(f"wrote {args.cases} cases to {ds}")
+        ds = write_demo_dataset(out, n_cases=args.cases, seed=args.seed, n_test_cases=args.test_cases)
+        print(f"wrote {args.cases} training and {args.test_cases} held-out cases to {ds}")
 
     return run_cli(job)
 

@@ -161,8 +161,11 @@ def demo_dataset_json(n_cases: int, seed: int) -> dict:
     }
 
 
-def write_demo_dataset(out_raw_dir: str | Path, n_cases: int = 12, seed: int = 0) -> Path:
+def write_demo_dataset(out_raw_dir: str | Path, n_cases: int = 12, seed: int = 0, n_test_cases: int = 0) -> Path:
     """Write (or refresh) `out_raw_dir/Dataset999_Demo` with `n_cases` cases; return the dataset folder.
+
+    `n_test_cases` held-out cases (drawn after the training ones) go to imagesTs/ and labelsTs/, for
+    demonstrating prediction and evaluation on cases the model never saw.
 
     Re-running with the same arguments leaves every file byte-identical (and untouched); cases left over
     from an earlier run with more cases are removed. Refuses to touch a Dataset999_Demo that it did not write.
@@ -178,16 +181,18 @@ def write_demo_dataset(out_raw_dir: str | Path, n_cases: int = 12, seed: int = 0
             ours = False
         if not ours:
             raise SamplanError(f"{ds} exists and was not written by samplan_make_demo_dataset; move it away or choose another -o folder.")
-    cases = [f"demo_{i:03d}" for i in range(n_cases)]
-    for i, case in enumerate(cases):
-        image, label, spacing = make_demo_case(seed, i)
-        _save(_sitk_writer(image, spacing), ds / "imagesTr" / f"{case}_0000{FILE_ENDING}")
-        _save(_sitk_writer(label, spacing), ds / "labelsTr" / f"{case}{FILE_ENDING}")
-    keep = {f"{c}_0000{FILE_ENDING}" for c in cases} | {f"{c}{FILE_ENDING}" for c in cases}
-    for folder in (ds / "imagesTr", ds / "labelsTr"):
-        for stale in folder.glob(f"demo_*{FILE_ENDING}"):
-            if stale.name not in keep:
-                stale.unlink()
+    splits = {"Tr": range(n_cases), "Ts": range(n_cases, n_cases + n_test_cases)}
+    for split, indices in splits.items():
+        cases = [f"demo_{i:03d}" for i in indices]
+        for i, case in zip(indices, cases):
+            image, label, spacing = make_demo_case(seed, i)
+            _save(_sitk_writer(image, spacing), ds / f"images{split}" / f"{case}_0000{FILE_ENDING}")
+            _save(_sitk_writer(label, spacing), ds / f"labels{split}" / f"{case}{FILE_ENDING}")
+        keep = {f"{c}_0000{FILE_ENDING}" for c in cases} | {f"{c}{FILE_ENDING}" for c in cases}
+        for folder in (ds / f"images{split}", ds / f"labels{split}"):
+            for stale in folder.glob(f"demo_*{FILE_ENDING}"):
+                if stale.name not in keep:
+                    stale.unlink()
     text = json.dumps(demo_dataset_json(n_cases, seed), indent=2) + "\n"
     _save(lambda p: p.write_text(text), meta_file)
     return ds
