@@ -33,6 +33,7 @@ setup(
             "samplan_plan_and_preprocess=samplan.cli.plan_and_preprocess:main",
             "samplan_make_demo_dataset=samplan.cli.make_demo_dataset:main",
             "samplan_evaluate=samplan.cli.evaluate:main",
+            "samplan_predict=samplan.cli.predict:main",
         ]
     },
 )

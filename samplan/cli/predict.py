@@ -1,0 +1,78 @@
+"""samplan_predict: segment a folder of images with a trained model; outputs keep the inputs' geometry."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from samplan.cli import run_cli
+
+EPILOG = """examples:
+  samplan_predict -i imagesTs/ -o predictions/                       # the only trained model, all its folds
+  samplan_predict -i imagesTs/ -o pred/ -d 4 -m unet -c 3d_fullres -f 0 1 2 3 4
+  samplan_predict -i imagesTs/ -o pred/ -d Hippocampus -m unet -f all --checkpoint best --disable-tta
+  samplan_predict -i imagesTs/ -o pred/ --save-probabilities --continue --device cpu -np 2
+
+Input files are named as in the raw format: {case}_{XXXX}{ending}, one file per channel (XXXX = 0000,
+0001, ...; an RGB PNG holds three channels). Outputs are {case}{ending}; with --save-probabilities also
+{case}.npz (key "probabilities", float16, C x Z x Y x X in the input's grid) and {case}.json (properties).
+Without -d/-m/-c, the one trained model under SAMPLAN_RESULTS that fits is used; when several fit, they
+are listed with the arguments that choose each.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser for samplan_predict."""
+    p = argparse.ArgumentParser(
+        prog="samplan_predict",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-i", "--input", required=True, metavar="DIR", help="folder of input images {case}_{XXXX}{ending}")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the label maps {case}{ending}")
+    p.add_argument("-d", "--dataset", default=None, help="dataset id/name of the model (default: the only trained one)")
+    p.add_argument("-m", "--method", default=None, help="method of the model, e.g. unet (default: the only trained one)")
+    p.add_argument("-c", "--configuration", default=None, help="configuration, e.g. 3d_fullres or 2d (default: the only trained one)")
+    p.add_argument("-p", "--plans", default=None, help="plans name of the model (default: any, usually samplanPlans)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="F",
+                   help="folds to ensemble: 0 1 2 3 4 or all (default: every fold with the checkpoint)")
+    p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"), help="which checkpoint of each fold (default: final)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz probabilities and {case}.json properties")
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster in 3D)")
+    p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose outputs already exist")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the network runs (default: auto)")
+    p.add_argument("-np", "--num-processes", type=int, default=0,
+                   help="preprocessing worker processes running ahead of the network (default: 0 = one background "
+                        "thread, usually fastest; use N > 0 only when preprocessing is much slower than the network)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+
+    def job() -> None:
+        from pathlib import Path
+
+        from samplan.errors import SamplanError
+        from samplan.inference.model_selection import select_model
+        from samplan.inference.predictor import Predictor
+
+        if not Path(args.input).is_dir():
+            raise SamplanError(f"input folder {args.input} does not exist.")
+        model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
+        print(f"model: {model.path} (folds {' '.join(args.folds or model.folds)}, checkpoint_{args.checkpoint})")
+        predictor = Predictor.from_model_dir(
+            model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta
+        )
+        outputs = predictor.predict_folder(
+            args.input, args.output, save_probabilities=args.save_probabilities,
+            overwrite=not args.continue_, num_processes=args.num_processes,
+        )
+        print(f"wrote {len(outputs)} label map(s) to {args.output}")
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
