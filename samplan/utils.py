@@ -47,11 +47,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """Write `obj` as JSON atomically (numpy types converted)."""
+def save_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> None:
+    """Write `obj` as JSON atomically (numpy types converted); `indent=None` writes compact JSON."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, default=_json_default)
+            separators = (",", ":") if indent is None else None
+            json.dump(obj, f, indent=indent, separators=separators, default=_json_default)
             f.write("\n")
 
 

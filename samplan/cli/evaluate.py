@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from samplan.cli import run_cli
+from samplan.cli import make_parser, run_cli
 
 EPILOG = """examples:
   samplan_evaluate -gt $SAMPLAN_RAW/Dataset004_Hippocampus/labelsTr -pred out/ -d 4
@@ -21,12 +21,7 @@ means); HD95 is the image diagonal in mm and NSD 0 when exactly one is empty; NS
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for samplan_evaluate."""
-    p = argparse.ArgumentParser(
-        prog="samplan_evaluate",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = make_parser("samplan_evaluate", __doc__, EPILOG)
     p.add_argument("-gt", "--reference", required=True, metavar="DIR", help="folder of reference label maps {case}{ending}")
     p.add_argument("-pred", "--prediction", required=True, metavar="DIR", help="folder of predicted label maps {case}{ending}")
     p.add_argument("-d", "--dataset", default=None, help="dataset id/name, or path to a dataset.json: labels, regions, ignore label and file ending from it")

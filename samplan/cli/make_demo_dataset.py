@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import run_cli
+from samplan.cli import make_parser, run_cli
 
 EPILOG = """examples:
   samplan_make_demo_dataset                      # into $SAMPLAN_RAW/Dataset999_Demo
@@ -15,12 +15,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for samplan_make_demo_dataset."""
-    p = argparse.ArgumentParser(
-        prog="samplan_make_demo_dataset",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = make_parser("samplan_make_demo_dataset", __doc__, EPILOG)
     p.add_argument("-o", "--output", default=None, metavar="OUT_RAW_DIR", help="raw datasets folder (default: SAMPLAN_RAW)")
     p.add_argument("--cases", type=int, default=12, help="number of training cases (default: 12)")
     p.add_argument("--test-cases", type=int, default=0, help="held-out cases written to imagesTs/labelsTs (default: 0)")

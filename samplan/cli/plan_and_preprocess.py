@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import run_cli
+from samplan.cli import make_parser, run_cli
 
 EPILOG = """examples:
   samplan_plan_and_preprocess -d 4
@@ -16,12 +16,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for samplan_plan_and_preprocess."""
-    p = argparse.ArgumentParser(
-        prog="samplan_plan_and_preprocess",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = make_parser("samplan_plan_and_preprocess", __doc__, EPILOG)
     p.add_argument("-d", "--dataset", required=True, nargs="+", help="dataset id (4), full name (Dataset004_Hippocampus) or bare name (Hippocampus)")
     p.add_argument("-m", "--methods", nargs="+", default=None, help="plan only these methods (default: all registered)")
     p.add_argument("-c", "--configurations", nargs="+", default=None, help="preprocess only these configurations (default: all planned)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import run_cli
+from samplan.cli import make_parser, run_cli
 
 EPILOG = """examples:
   samplan_predict -i imagesTs/ -o predictions/                       # the only trained model, all its folds
@@ -22,12 +22,7 @@ are listed with the arguments that choose each.
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for samplan_predict."""
-    p = argparse.ArgumentParser(
-        prog="samplan_predict",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = make_parser("samplan_predict", __doc__, EPILOG)
     p.add_argument("-i", "--input", required=True, metavar="DIR", help="folder of input images {case}_{XXXX}{ending}")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the label maps {case}{ending}")
     p.add_argument("-d", "--dataset", default=None, help="dataset id/name of the model (default: the only trained one)")
