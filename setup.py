@@ -34,6 +34,7 @@ setup(
             "samplan_make_demo_dataset=samplan.cli.make_demo_dataset:main",
             "samplan_evaluate=samplan.cli.evaluate:main",
             "samplan_predict=samplan.cli.predict:main",
+            "samplan_train=samplan.cli.train:main",
         ]
     },
 )

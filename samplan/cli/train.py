@@ -1,0 +1,74 @@
+"""samplan_train: train one fold of a method on a preprocessed dataset, then predict and evaluate its validation cases."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from samplan.cli import make_parser, run_cli
+
+EPILOG = """examples:
+  samplan_train -d 4 -m unet -f 0                          # Dataset004_Hippocampus, default configuration
+  samplan_train -d Hippocampus -m unet -f all -c 3d_fullres
+  samplan_train -d 4 -m unet -f 0 --epochs 50 --iters-per-epoch 100 --device cpu
+  samplan_train -d 4 -m unet -f 0 --c                      # continue exactly where the run stopped
+  samplan_train -d 4 -m unet -f 0 --val                    # only redo the final validation
+  samplan_train -d 4 -m unet -f 1 --pretrained-weights other/fold_0/checkpoint_final.pth
+
+Outputs: SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>/fold_<F>/ with checkpoint_latest/best/final.pth,
+training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json).
+The log shows the running "pseudo Dice" of random validation patches each epoch and, at the end, the real
+mean Dice of the whole validation cases.
+"""
+
+
+def _fold(value: str) -> int | str:
+    """0..4 (or any fold of a custom splits_final.json) or "all"."""
+    if value == "all":
+        return value
+    try:
+        fold = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be an integer (0..4) or 'all', got {value!r}") from None
+    if fold < 0:
+        raise argparse.ArgumentTypeError(f"fold must be >= 0, got {fold}")
+    return fold
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser for samplan_train."""
+    p = make_parser("samplan_train", __doc__, EPILOG)
+    p.add_argument("-d", "--dataset", required=True, help="dataset id (4), full name (Dataset004_Hippocampus) or bare name (Hippocampus)")
+    p.add_argument("-m", "--method", required=True, help="method name, e.g. unet (a typo lists the available ones)")
+    p.add_argument("-f", "--fold", required=True, type=_fold, help="cross-validation fold 0..4, or 'all' to train on every case")
+    p.add_argument("-c", "--configuration", default=None, help="configuration, e.g. 3d_fullres or 2d (default: the method's first planned one)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="number of epochs (default: the method's recipe, 1000 for unet)")
+    p.add_argument("--iters-per-epoch", type=int, default=None, metavar="N", help="training iterations per epoch (default: recipe, 250 for unet)")
+    p.add_argument("--val-iters", type=int, default=None, metavar="N", help="validation iterations per epoch (default: recipe, 50 for unet)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto = cuda > mps > cpu)")
+    p.add_argument("--c", dest="continue_training", action="store_true", help="continue from the fold's latest checkpoint")
+    p.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation with checkpoint_final")
+    p.add_argument("--pretrained-weights", default=None, metavar="FILE", help="initialise from a checkpoint (tensors matching by name and shape; segmentation heads excluded)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: 12345, or the checkpoint's with --c)")
+    p.add_argument("-np", "--num-workers", type=int, default=None, metavar="N", help="background data loader processes (0: load in the main process; default: from the device)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+
+    def job() -> None:
+        from samplan.training.trainer import train_fold
+
+        train_fold(
+            args.dataset, args.method, args.configuration, args.fold,
+            epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters, device=args.device,
+            continue_training=args.continue_training, only_validate=args.only_validate,
+            pretrained_weights=args.pretrained_weights, seed=args.seed, num_workers=args.num_workers,
+        )
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Optimisers, learning-rate schedules, devices and seeds for training.
+
+The poly schedule follows torch's convention (the trainer calls `step()` once at the end of every
+epoch), which gives nnU-Net's learning rate for epoch e: lr0 * (1 - e / num_epochs) ** 0.9.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from samplan.errors import SamplanError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """lr(e) = base_lr * (1 - e / total_epochs) ** exponent, with e the number of completed `step()` calls.
+
+    The horizon `total_epochs` is a setting of the run, not state: it is left out of `state_dict`, so a
+    continued run may extend the number of epochs and the schedule follows the new horizon.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_epochs: int, exponent: float = 0.9):
+        self.total_epochs, self.exponent = int(total_epochs), float(exponent)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        """Learning rates of all parameter groups for the current epoch (`self.last_epoch`)."""
+        frac = min(max(self.last_epoch, 0) / max(self.total_epochs, 1), 1.0)
+        return [base * (1.0 - frac) ** self.exponent for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state: step count and base learning rates (no horizon, see the class docstring)."""
+        return {"last_epoch": int(self.last_epoch), "base_lrs": [float(b) for b in self.base_lrs],
+                "exponent": self.exponent, "_step_count": int(getattr(self, "_step_count", 0))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step count and set the optimiser's learning rate for it under the current horizon."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.base_lrs = [float(b) for b in state_dict["base_lrs"]]
+        self.exponent = float(state_dict.get("exponent", self.exponent))
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def make_sgd(lr: float, momentum: float, nesterov: bool, weight_decay: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    """A factory params -> SGD with these settings (nnU-Net: lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5)."""
+
+    def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+    return make
+
+
+def make_poly(exponent: float = 0.9) -> Callable[[torch.optim.Optimizer, int], PolyLRScheduler]:
+    """A factory (optimizer, num_epochs) -> PolyLRScheduler."""
+
+    def make(optimizer: torch.optim.Optimizer, num_epochs: int) -> PolyLRScheduler:
+        return PolyLRScheduler(optimizer, num_epochs, exponent)
+
+    return make
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; an explicit device must be available."""
+    spec = str(spec).lower()
+    if spec not in DEVICES:
+        raise SamplanError(f"unknown device {spec!r}; use one of {', '.join(DEVICES)}.")
+    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if spec == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (spec == "cuda" and not cuda) or (spec == "mps" and not mps):
+        raise SamplanError(f"--device {spec} was requested but torch reports no {spec.upper()} device; use --device cpu or auto.")
+    return torch.device(spec)
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 31-bit seed from a tuple (e.g. (seed, epoch, "train")): stable across processes and Python runs."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's and Python's global generators (used once per epoch, never as a stream across epochs)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
