@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster in 3D)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the network runs (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("-np", "--num-processes", type=int, default=0,
                    help="preprocessing worker processes running ahead of the network (default: 0 = one background "
                         "thread, usually fastest; use N > 0 only when preprocessing is much slower than the network)")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
         print(f"model: {model.path} (folds {' '.join(args.folds or model.folds)}, checkpoint_{args.checkpoint})")
         predictor = Predictor.from_model_dir(
-            model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta
+            model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta,
+            precision=args.precision,
         )
         outputs = predictor.predict_folder(
             args.input, args.output, save_probabilities=args.save_probabilities,

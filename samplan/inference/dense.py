@@ -8,13 +8,13 @@ the logits of every combination of flipped axes (2**n - 1 flips plus the origina
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from samplan.devices import resolve_device
 from samplan.inference.sliding_window import DEFAULT_STEP_SIZE, gaussian_importance_map, pad_to_patch, window_starts
 from samplan.preprocessing.preprocessor import configuration_plan
 
@@ -45,19 +45,6 @@ def predict_with_mirroring(network: nn.Module, x: torch.Tensor, mirror_axes: Seq
     if combos:
         out /= len(combos) + 1
     return out
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> cuda if available, else mps, else cpu; anything else as torch.device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 # no_grad rather than inference_mode: callers may update the returned logits in place (fold averaging)
@@ -97,27 +84,25 @@ def predict_dense(
     batch_size = max(1, min(batch_size, _MAX_BATCH_VOXELS // max(1, data.shape[0] * int(np.prod(window)))))
 
     network = network.to(device).eval()
-    # float16 autocast only on CUDA: on CPU it is slow and on MPS unsupported (nnU-Net makes the same choice)
-    autocast = torch.autocast("cuda") if device.type == "cuda" else nullcontext()
     # float32 accumulators on the CPU: nnU-Net's float16 ones need its value_scaling_factor to avoid underflow
     logits = weights = None
     gaussian_dev = gaussian.to(device)
-    with autocast:
-        for b0 in range(0, len(starts), batch_size):
-            batch_starts = starts[b0 : b0 + batch_size]
-            boxes = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in batch_starts]
-            x = torch.stack([padded[(slice(None), *box)] for box in boxes]).to(device)
-            if slices_2d:
-                x = x[:, :, 0]  # (B, C, 1, y, x) -> (B, C, y, x)
-            out = predict_with_mirroring(network, x, mirror_axes)
-            if slices_2d:
-                out = out[:, :, None]
-            out = (out * gaussian_dev).cpu()
-            if logits is None:
-                logits = torch.zeros((out.shape[1], *padded.shape[1:]), dtype=torch.float32)
-                weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
-            for box, o in zip(boxes, out):
-                logits[(slice(None), *box)] += o
-                weights[box] += gaussian
+    # precision (autocast) is the caller's choice, e.g. Predictor(precision=...)
+    for b0 in range(0, len(starts), batch_size):
+        batch_starts = starts[b0 : b0 + batch_size]
+        boxes = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in batch_starts]
+        x = torch.stack([padded[(slice(None), *box)] for box in boxes]).to(device)
+        if slices_2d:
+            x = x[:, :, 0]  # (B, C, 1, y, x) -> (B, C, y, x)
+        out = predict_with_mirroring(network, x, mirror_axes)
+        if slices_2d:
+            out = out[:, :, None]
+        out = (out * gaussian_dev).cpu()
+        if logits is None:
+            logits = torch.zeros((out.shape[1], *padded.shape[1:]), dtype=torch.float32)
+            weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
+        for box, o in zip(boxes, out):
+            logits[(slice(None), *box)] += o
+            weights[box] += gaussian
     logits /= weights
     return logits[(slice(None), *keep)].contiguous()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from samplan.dataset.dataset_json import group_images_by_case
 from samplan.dataset.labels import LabelManager
 from samplan.errors import DatasetError, SamplanError
-from samplan.inference.dense import resolve_device
+from samplan.devices import autocast, autocast_dtype, resolve_device
 from samplan.inference.export import export_prediction, logits_to_label_map
 from samplan.inference.model_selection import available_folds, check_case_channels, load_model_files
 from samplan.methods import get_method
@@ -58,6 +58,7 @@ class Predictor:
         tta: bool = True,
         mirror_axes: Sequence[int] | None = None,
         progress: bool = True,
+        precision: str = "auto",
     ):
         self.method = method
         self.network = network
@@ -69,6 +70,8 @@ class Predictor:
         self.fold_weights = list(fold_weights) if fold_weights else []
         self.num_input_channels = int(num_input_channels or len(dataset_json["channel_names"]))
         self.device = resolve_device(device)
+        # bf16 on CPUs that have it natively, fp16 on CUDA (see samplan.devices)
+        self.autocast_dtype = autocast_dtype(self.device, precision)
         n_spatial = len(self.plan["patch_size"])
         axes = tuple(range(n_spatial)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
         self.mirror_axes = axes if tta else ()
@@ -83,6 +86,7 @@ class Predictor:
         device: str | torch.device = "auto",
         tta: bool = True,
         progress: bool = True,
+        precision: str = "auto",
     ) -> "Predictor":
         """Load a trained model folder; `folds` None uses every fold that has `checkpoint_<checkpoint>.pth`."""
         model_dir = Path(model_dir)
@@ -116,7 +120,7 @@ class Predictor:
         network.load_state_dict(weights[0])  # fail here, with the file named, if the architecture does not match
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
-                   device=device, tta=tta, mirror_axes=mirror, progress=progress)
+                   device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision)
 
     # ------------------------------------------------------------------------------------------- network
 
@@ -133,9 +137,10 @@ class Predictor:
         for weights in folds:
             if weights is not None:
                 self.network.load_state_dict(weights)
-            logits = self.method.predict_logits(
-                self.network, data, self.plans, self.configuration, mirror_axes=self.mirror_axes, device=self.device
-            )
+            with autocast(self.device, self.autocast_dtype):
+                logits = self.method.predict_logits(
+                    self.network, data, self.plans, self.configuration, mirror_axes=self.mirror_axes, device=self.device
+                )
             if len(folds) == 1:
                 return logits
             probs = self.label_manager.logits_to_probabilities(logits)

@@ -13,9 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samplan.errors import SamplanError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -66,19 +64,6 @@ def make_poly(exponent: float = 0.9) -> Callable[[torch.optim.Optimizer, int], P
         return PolyLRScheduler(optimizer, num_epochs, exponent)
 
     return make
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; an explicit device must be available."""
-    spec = str(spec).lower()
-    if spec not in DEVICES:
-        raise SamplanError(f"unknown device {spec!r}; use one of {', '.join(DEVICES)}.")
-    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if spec == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (spec == "cuda" and not cuda) or (spec == "mps" and not mps):
-        raise SamplanError(f"--device {spec} was requested but torch reports no {spec.upper()} device; use --device cpu or auto.")
-    return torch.device(spec)
 
 
 def derived_seed(*parts: int | str) -> int:

@@ -35,3 +35,5 @@ class TrainingRecipe:
     grad_clip: float | None = 12.0
     # set by the trainer, not the method: torch.amp.GradScaler when training with AMP on CUDA, else None
     grad_scaler: Any = None
+    # set by the trainer from --precision: the autocast dtype of forward passes (None = float32)
+    autocast_dtype: torch.dtype | None = None

@@ -2,17 +2,18 @@
 
 Batches come from `PatchLoader.epoch`: {"data": float32 (B, C, *patch), "target": (B, 1, *patch) class
 indices or (B, R, *patch) region masks, or a list of those (full resolution first) with deep supervision}.
-Mixed precision (autocast + gradient scaling) is used on CUDA only; CPU and MPS run in float32.
+Precision follows recipe.autocast_dtype (set by the trainer from --precision; see samplan.devices);
+gradients are scaled only for float16.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from samplan.dataset.labels import LabelManager
+from samplan.devices import autocast
 from samplan.training.recipe import TrainingRecipe
 
 
@@ -23,18 +24,13 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device):
-    """float16 autocast on CUDA; nothing elsewhere (CPU autocast is slow and changes the numerics of the U-Net)."""
-    return torch.autocast("cuda", enabled=True) if device.type == "cuda" else nullcontext()
-
-
 def default_train_step(network: nn.Module, batch: dict[str, Any], recipe: TrainingRecipe,
                        optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, float]:
     """Forward, loss, backward, gradient-norm clipping (recipe.grad_clip), optimiser step; returns {"loss"}."""
     data = batch["data"].to(device, non_blocking=True)
     target = to_device(batch["target"], device)
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(device):
+    with autocast(device, recipe.autocast_dtype):
         loss = recipe.loss(network(data), target)
     scaler = recipe.grad_scaler
     if scaler is not None:
@@ -90,7 +86,7 @@ def default_validation_step(network: nn.Module, batch: dict[str, Any], recipe: T
     """Loss (with deep supervision, as in training) and hard tp/fp/fn lists per class of the full-resolution output."""
     data = batch["data"].to(device, non_blocking=True)
     target = to_device(batch["target"], device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device, recipe.autocast_dtype):
         output = network(data)
         loss = recipe.loss(output, target)
     if isinstance(output, (list, tuple)):

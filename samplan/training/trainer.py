@@ -23,7 +23,8 @@ from samplan.methods.base import TrainableMethod
 from samplan.paths import model_dir, preprocessed_root, raw_root, resolve_dataset_name
 from samplan.training.checkpoint import load_checkpoint, load_pretrained_weights, save_checkpoint
 from samplan.training.logger import TrainingLogger
-from samplan.training.optim import derived_seed, resolve_device, seed_everything
+from samplan.devices import autocast_dtype, resolve_device
+from samplan.training.optim import derived_seed, seed_everything
 from samplan.training.recipe import TrainingRecipe
 from samplan.utils import load_json, save_json
 
@@ -152,6 +153,7 @@ def train_fold(
     seed: int | None = None,
     num_workers: int | None = None,
     final_validation: bool = True,
+    precision: str = "auto",
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
@@ -159,7 +161,7 @@ def train_fold(
     was started with unless they are given again). `seed` defaults to 12345, or to the checkpoint's seed
     when continuing. `num_workers`: background loader processes (0: load in this process; default from the
     device). `only_validate` runs only the final validation of checkpoint_final; `final_validation=False`
-    skips it after training.
+    skips it after training. `precision`: auto|fp32|bf16|fp16 autocast (see samplan.devices).
     """
     s = prepare_fold(dataset, method_name, configuration, fold)
     dev = resolve_device(device)
@@ -167,7 +169,7 @@ def train_fold(
     if only_validate:
         logger = TrainingLogger(s.fold_dir)
         logger.load_state_dict(load_checkpoint(s.fold_dir / "checkpoint_final.pth")["logging"])
-        run_final_validation(s, dev, logger, workers)
+        run_final_validation(s, dev, logger, precision)
         return s.fold_dir
     if continue_training and pretrained_weights is not None:
         raise SamplanError("--pretrained-weights starts a new training; it cannot be combined with --c.")
@@ -197,7 +199,8 @@ def train_fold(
     network = s.method.build_network(s.plans, s.configuration, s.num_input_channels, s.label_manager.num_outputs).to(dev)
     optimizer = recipe.make_optimizer(network.parameters())
     scheduler = recipe.make_scheduler(optimizer, recipe.num_epochs)
-    if dev.type == "cuda":
+    recipe.autocast_dtype = autocast_dtype(dev, precision)
+    if recipe.autocast_dtype == torch.float16:  # bf16 has float32's range: no loss scaling needed
         recipe.grad_scaler = torch.amp.GradScaler("cuda")
     start_epoch, best_ema = 0, None
     if state is not None:
@@ -216,7 +219,7 @@ def train_fold(
     logger.print(f"{s.method.name} {s.configuration} fold {s.fold} of {s.dataset_name}: {len(s.train_ids)} training / "
                  f"{len(s.val_ids)} validation cases, patch {list(recipe.patch_size)}, batch {recipe.batch_size}, "
                  f"{recipe.num_epochs} epochs x {recipe.iterations_per_epoch} iterations (+{recipe.val_iterations_per_epoch} "
-                 f"validation), device {dev}, {workers} loader worker(s), seed {seed}, {n_params / 1e6:.2f} M parameters")
+                 f"validation), device {dev} ({str(recipe.autocast_dtype or torch.float32).replace('torch.', '')}), {workers} loader worker(s), seed {seed}, {n_params / 1e6:.2f} M parameters")
     if start_epoch < recipe.num_epochs:
         best_ema = _run_epochs(s, network, optimizer, scheduler, recipe, logger, dev, workers, seed, start_epoch, best_ema)
     final = _checkpoint(s, network, optimizer, scheduler, recipe, logger, max(start_epoch, recipe.num_epochs), best_ema, seed)
@@ -224,7 +227,7 @@ def train_fold(
     logger.write_progress()
     logger.print(f"training done: {s.fold_dir / 'checkpoint_final.pth'}")
     if final_validation:
-        run_final_validation(s, dev, logger, workers)
+        run_final_validation(s, dev, logger, precision)
     return s.fold_dir
 
 
@@ -274,7 +277,7 @@ def _run_epochs(s: FoldSetup, network: torch.nn.Module, optimizer: Any, schedule
     return best_ema
 
 
-def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger, workers: int) -> dict[str, Any]:
+def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger, precision: str = "auto") -> dict[str, Any]:
     """Predict the fold's validation cases from the raw images with checkpoint_final, evaluate them against
     gt_segmentations into fold_k/validation/summary.json and log the real Dice next to the last pseudo Dice."""
     from samplan.dataset.dataset_json import group_images_by_case
@@ -293,14 +296,15 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
         for old in [*out_dir.glob(f"*{ending}"), out_dir / "summary.json"]:
             old.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    # worker processes take seconds to start: for a handful of cases (or with -np 0) everything runs in-process
-    pool = workers > 0 and len(s.val_ids) > 4
-    predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=True, progress=False)
-    predictor.predict_cases({c: images[c] for c in s.val_ids}, out_dir, overwrite=True, num_processes=1 if pool else 0)
+    predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=True,
+                                         progress=False, precision=precision)
+    # a preprocessing thread (num_processes=0) overlaps the network work at no process start-up cost
+    predictor.predict_cases({c: images[c] for c in s.val_ids}, out_dir, overwrite=True, num_processes=0)
     targets, ignore, _ = dataset_settings(str(s.model_dir / "dataset.json"))
     summary = evaluate_folders(s.preprocessed_dir / "gt_segmentations", out_dir, targets, ending,
                                output_file=out_dir / "summary.json", ignore_label=ignore,
-                               num_processes=None if pool else 1, only_predicted=True, progress=False)
+                               # spawning evaluation workers costs seconds: worth it only for many cases
+                               num_processes=None if len(s.val_ids) > 8 else 1, only_predicted=True, progress=False)
     per_label = ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items())
     curves = logger.curves
     last = f"{curves['pseudo_dice'][-1]:.4f} (EMA {curves['ema_pseudo_dice'][-1]:.4f})" if curves["pseudo_dice"] else "n/a"
