@@ -149,8 +149,8 @@ def test_cli_errors_and_help(env, capsys):
     assert train_main(["-d", "900", "-m", "unte", "-f", "0"]) == 1
     err = capsys.readouterr().err
     assert "unknown method 'unte'" in err and "unet" in err and "samunetr" in err
-    assert train_main(["-d", "900", "-m", "samunetr", "-f", "0"]) == 1
-    assert "cannot be trained yet" in capsys.readouterr().err
+    assert train_main(["-d", "900", "-m", "samunetr", "-f", "0", "--backbone", "vit_q"]) == 1
+    assert "vit_q" in (err := capsys.readouterr().err) and "vit_b" in err  # an unknown backbone lists the known ones
     assert train_main(["-d", "900", "-m", "unet", "-f", "0", "-c", "3d_lowres"]) == 1
     assert "3d_fullres" in capsys.readouterr().err
     assert train_main(["-d", "900", "-m", "unet", "-f", "0", "--val"]) == 1  # nothing trained yet

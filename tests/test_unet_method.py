@@ -51,7 +51,7 @@ def test_registry_errors_and_trainability():
         get_method("unte")
     assert "unet" in str(e.value) and "samunetr" in str(e.value) and "Did you mean 'unet'" in str(e.value)
     assert isinstance(get_method("unet"), TrainableMethod)
-    assert not isinstance(get_method("samunetr"), TrainableMethod)  # planned, not trainable yet
+    assert isinstance(get_method("samunetr"), TrainableMethod)
 
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from samplan.cli import make_parser, run_cli
 
@@ -13,6 +14,9 @@ EPILOG = """examples:
   samplan_train -d 4 -m unet -f 0 --c                      # continue exactly where the run stopped
   samplan_train -d 4 -m unet -f 0 --val                    # only redo the final validation
   samplan_train -d 4 -m unet -f 1 --pretrained-weights other/fold_0/checkpoint_final.pth
+  samplan_train -d 4 -m samunetr -f 0 --backbone tiny_vit  # override the plan's SAM backbone
+  samplan_train -d 4 -m samunetr -f 0 --checkpoint sam_vit_b_01ec64.pth
+  samplan_train -d 4 -m medsam -f 0 --unfreeze mask_decoder image_encoder.neck  # train only these parameters
 
 Outputs: SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>/fold_<F>/ with checkpoint_latest/best/final.pth,
 training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json).
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation with checkpoint_final")
     p.add_argument("--pretrained-weights", default=None, metavar="FILE", help="initialise from a checkpoint (tensors matching by name and shape; segmentation heads excluded)")
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: 12345, or the checkpoint's with --c)")
+    p.add_argument("--backbone", default=None, metavar="NAME", help="SAM methods: backbone instead of the plan's (e.g. vit_b, vit_l, vit_h, tiny_vit); recorded in the model folder's plans.json")
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help="SAM methods: pretrained backbone weights file instead of the official ones ('none': random); recorded in plans.json")
+    p.add_argument("--unfreeze", nargs="+", default=None, metavar="PREFIX", help="medsam: train exactly the parameters whose dotted names start with these prefixes (e.g. mask_decoder image_encoder.neck) instead of the plan's modules; recorded in plans.json")
     p.add_argument("-np", "--num-workers", type=int, default=None, metavar="N", help="background data loader processes (0: load in the main process; default: from the device)")
     return p
 
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in (("backbone", args.backbone), ("checkpoint", args.checkpoint)) if v is not None}
+    if args.unfreeze is not None:
+        overrides["unfreeze"] = list(args.unfreeze)
+    if "checkpoint" in overrides and overrides["checkpoint"].lower() != "none":
+        overrides["checkpoint"] = str(Path(overrides["checkpoint"]).expanduser().resolve())
 
     def job() -> None:
         from samplan.training.trainer import train_fold
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters, device=args.device,
             continue_training=args.continue_training, only_validate=args.only_validate,
             pretrained_weights=args.pretrained_weights, seed=args.seed, num_workers=args.num_workers, precision=args.precision,
+            method_overrides=overrides or None,
         )
 
     return run_cli(job)

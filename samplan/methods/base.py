@@ -54,6 +54,12 @@ class TrainableMethod(Method):
         """Configurations this method trains, from its plan section (the first is the default)."""
         return list(plans["methods"][self.name]["configurations"])
 
+    def check_plan(self, plans: dict[str, Any]) -> None:
+        """Raise SamplanError when this method's plan section (with the CLI's overrides) cannot be used.
+
+        Called by the trainer before anything is written, so a typo in --backbone leaves no model folder.
+        """
+
     @abstractmethod
     def build_network(self, plans: dict[str, Any], configuration: str, num_input_channels: int, num_outputs: int) -> "nn.Module":
         """The network for `configuration`, randomly initialised (weights are loaded by the caller)."""

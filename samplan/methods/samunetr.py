@@ -17,20 +17,28 @@ down while fewer than 2 slices fit in `budget.memory_gb`. Without label statisti
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from samplan.dataset.dataset_json import channel_names, uses_regions
 from samplan.errors import SamplanError
 from samplan.experiment_planning.plans import ComputeBudget
-from samplan.methods.base import Method
+from samplan.methods.base import TrainableMethod
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from samplan.dataset.labels import LabelManager
+    from samplan.training.recipe import TrainingRecipe
 
 INPUT_SIZES = (128, 192, 256, 384, 512, 768, 1024)
 TOKEN_PX = 16
 MEDIAN_OBJECT_TOKENS = 3
 NATIVE_INPUT = 1024
 MAX_BATCH = 32
+CPU_MAX_BATCH = 8
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -45,9 +53,12 @@ BACKBONES: dict[str, dict[str, Any]] = {
     "vit_b": _vit(768, 12, 12, [2, 5, 8, 11], 14, 89.7),
     "vit_l": _vit(1024, 24, 16, [5, 11, 17, 23], 14, 308.3),
     "vit_h": _vit(1280, 32, 16, [7, 15, 23, 31], 14, 631.6),
-    # random tiny encoder for tests: four blocks, all global, so every decoder skip has a source
-    "tiny": _vit(80, 4, 2, [0, 1, 2, 3], 4, 0.4),
+    # MedSAM's fine-tuned ViT-B (same architecture as vit_b)
+    "medsam_vit_b": _vit(768, 12, 12, [2, 5, 8, 11], 14, 89.7),
+    # samplan.models.backbones' random tiny encoder for tests (the decoder reads blocks 0..3, see unetr_decoder)
+    "tiny_vit": _vit(64, 4, 2, [1, 3], 4, 0.25),
 }
+BACKBONE_ALIASES = {"tiny": "tiny_vit"}
 PAPER_BACKBONE = "vit_h"
 DEFAULT_BACKBONE = "vit_b"
 FEATURE_SIZE = 20
@@ -180,19 +191,29 @@ def intensity_mapping(mode: str, config_2d: dict[str, Any], fg_props: dict[str, 
     return out
 
 
-def pixel_statistics(in_chans: int) -> tuple[list[float], list[float]]:
-    """SAM's pixel mean/std, interpolated along the channel axis like the patch-embedding weights."""
+def pixel_statistics(in_chans: int, rgb_mean: tuple[float, ...] = SAM_PIXEL_MEAN,
+                     rgb_std: tuple[float, ...] = SAM_PIXEL_STD) -> tuple[list[float], list[float]]:
+    """SAM's (or the given RGB) pixel mean/std, interpolated along the channel axis like the patch-embedding weights."""
     if in_chans == 3:
-        return list(SAM_PIXEL_MEAN), list(SAM_PIXEL_STD)
+        return [float(v) for v in rgb_mean], [float(v) for v in rgb_std]
     if in_chans == 1:
-        return [float(np.mean(SAM_PIXEL_MEAN))], [float(np.mean(SAM_PIXEL_STD))]
+        return [float(np.mean(rgb_mean))], [float(np.mean(rgb_std))]
     pos = np.linspace(0.0, 2.0, in_chans)
-    mean = np.interp(pos, [0, 1, 2], SAM_PIXEL_MEAN)
-    std = np.interp(pos, [0, 1, 2], SAM_PIXEL_STD)
+    mean = np.interp(pos, [0, 1, 2], rgb_mean)
+    std = np.interp(pos, [0, 1, 2], rgb_std)
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-class SAMUNETRMethod(Method):
+def resolve_backbone_name(name: str) -> str:
+    """A samunetr backbone name ("tiny" is an alias of "tiny_vit"); SamplanError listing the choices otherwise."""
+    name = BACKBONE_ALIASES.get(str(name), str(name))
+    if name not in BACKBONES:
+        raise SamplanError(f"samunetr backbone {name!r} is not known; choose one of {', '.join(BACKBONES)} "
+                           "(SAM ViT image encoders only).")
+    return name
+
+
+class SAMUNETRMethod(TrainableMethod):
     """SAM-UNETR: SAM ViT encoder + UNETR decoder on 2D slices."""
 
     name = "samunetr"
@@ -200,9 +221,7 @@ class SAMUNETRMethod(Method):
     needs_training = True
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE):
-        if backbone not in BACKBONES:
-            raise SamplanError(f"samunetr backbone {backbone!r} is not known; choose one of {', '.join(BACKBONES)}.")
-        self.backbone = backbone
+        self.backbone = resolve_backbone_name(backbone)
 
     def plan_section(
         self, fingerprint: dict[str, Any], base_plan: dict[str, Any], budget: ComputeBudget, dataset_json: dict[str, Any]
@@ -216,6 +235,9 @@ class SAMUNETRMethod(Method):
         mean, std = pixel_statistics(channels["in_chans"])
         regions = uses_regions(dataset_json)
         batch = batch_size_for(self.backbone, size, budget)
+        if budget.device == "cpu" and batch > 0:
+            # memory would allow more, but the full-resolution decoder makes a CPU step of 32 slices ~15 s
+            batch = min(batch, CPU_MAX_BATCH)
         section: dict[str, Any] = {
             "backbone": self.backbone,
             "backbone_choices": list(BACKBONES),
@@ -236,12 +258,23 @@ class SAMUNETRMethod(Method):
                 "pixel_std": std,
             },
             "feature_size": FEATURE_SIZE,
+            "feature_size_rule": "any F >= 1: the decoder maps the E token channels to multiples of F by convolutions",
+            "configurations": ["2d"],
+            "freeze_encoder": False,
+            # "auto": the backbone's official weights (samplan_weights), "none": random; --checkpoint sets "checkpoint"
+            "encoder_weights": "auto",
             "batch_size": max(1, batch),
             "recipe": {
                 "loss": {"name": "dice_focal", "activation": "sigmoid" if regions else "softmax", "to_onehot_y": not regions},
                 "optimizer": {"name": "Novograd", "lr": 1e-3, "weight_decay": 0.01,
                               "substitute": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.01}},
+                "lr_schedule": {"name": "constant"},
+                "num_epochs": 200,
+                "num_iterations_per_epoch": 250,
+                "num_val_iterations_per_epoch": 50,
+                "oversample_foreground_percent": 0.33,
                 "augmentation": "light",
+                "augmentation_params": {"rotation_deg": 15.0, "scaling": [0.7, 1.4], "mirror": False, "intensity": False},
                 "model_selection": {"metric": "dice", "postprocess": "keep_largest_component"},
             },
             "budget": budget.to_dict(),
@@ -252,3 +285,49 @@ class SAMUNETRMethod(Method):
                 f"to train with batch 1, more than 75 % of the {budget.memory_gb:g} GB budget; use a smaller backbone "
                 "or a larger budget.")
         return section
+
+    # --- training and prediction (implemented in samplan.methods.samunetr_train) ---------------------------
+
+    def configurations(self, plans: dict[str, Any]) -> list[str]:
+        """Always the "2d" configuration (slices along axis 0 of the transposed volume)."""
+        section = plans.get("methods", {}).get(self.name, {})
+        return list(section.get("configurations") or [section.get("configuration", "2d")])
+
+    def check_plan(self, plans: dict[str, Any]) -> None:
+        """The backbone must be a known SAM ViT and a --checkpoint file must exist."""
+        from samplan.methods.samunetr_train import check_section
+
+        check_section(plans)
+
+    def build_network(self, plans: dict[str, Any], configuration: str, num_input_channels: int, num_outputs: int) -> "nn.Module":
+        """SliceAdapter(SAM encoder + UNETR decoder), random weights: cache slices (B, C, H, W) -> logits (B, K, H, W)."""
+        from samplan.methods.samunetr_train import build_samunetr_network
+
+        return build_samunetr_network(plans, num_input_channels, num_outputs)
+
+    def initialize_pretrained(self, network: "nn.Module", plans: dict[str, Any], configuration: str) -> str:
+        """Load the planned (or --checkpoint) encoder weights into a new network; called by the trainer, not the predictor."""
+        from samplan.methods.samunetr_train import load_pretrained_encoder
+
+        return load_pretrained_encoder(network, plans)
+
+    def training_recipe(self, plans: dict[str, Any], configuration: str, label_manager: "LabelManager") -> "TrainingRecipe":
+        """DiceFocal, AdamW 1e-3 / 0.01 (Novograd substitute), light augmentation (see samunetr_train)."""
+        from samplan.methods.samunetr_train import samunetr_recipe
+
+        return samunetr_recipe(plans, configuration, label_manager)
+
+    def validation_step(self, network: "nn.Module", batch: dict[str, Any], recipe: "TrainingRecipe",
+                        device: "torch.device", label_manager: "LabelManager") -> dict[str, Any]:
+        """Loss and tp/fp/fn counted after keeping the largest component per slice and class (model selection)."""
+        from samplan.methods.samunetr_train import validation_with_largest_component
+
+        return validation_with_largest_component(network, batch, recipe, device, label_manager)
+
+    def predict_logits(self, network: "nn.Module", data: "torch.Tensor", plans: dict[str, Any], configuration: str,
+                       *, mirror_axes: tuple[int, ...], device: "torch.device") -> "torch.Tensor":
+        """Logits (K, Z, Y, X) slice by slice (inference.dense), in batches of the plan section's batch size."""
+        from samplan.inference.dense import predict_dense
+
+        batch = int(plans["methods"][self.name]["batch_size"])
+        return predict_dense(network, data, plans, configuration, mirror_axes=mirror_axes, device=device, batch_size=batch)

@@ -143,6 +143,7 @@ def build_train_transforms(
     *,
     initial_patch_size: Sequence[int] | None = None,
     use_mask_for_norm: Sequence[bool] | None = None,
+    intensity: bool = True,
 ) -> BasicTransform:
     """nnU-Net's default training augmentation for final patches of `patch_size` ((Z, Y, X) or (Y, X)).
 
@@ -152,7 +153,8 @@ def build_train_transforms(
     zeroing outside the nonzero mask for channels normalised inside it, then the target transforms.
     `initial_patch_size` is what the loader samples; it is only checked here (it must cover `patch_size`).
     Gaussian blur runs without nnU-Net's timing benchmark, whose choice of FFT or direct convolution
-    depends on the machine's speed and would make batches irreproducible.
+    depends on the machine's speed and would make batches irreproducible. `intensity=False` leaves out the
+    noise, blur, brightness, contrast, low-resolution and gamma transforms (a "light" rotation/scaling recipe).
     """
     patch = [int(p) for p in patch_size]
     if initial_patch_size is not None and any(int(i) < p for i, p in zip(initial_patch_size, patch)):
@@ -168,7 +170,7 @@ def build_train_transforms(
         padding_value_seg=-1))
     if do_dummy_2d_data_aug:
         transforms.append(Convert2DTo3DTransform())
-    transforms += [
+    transforms += [] if not intensity else [
         RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
                         apply_probability=0.1),
         RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False, synchronize_axes=False,

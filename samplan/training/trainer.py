@@ -52,8 +52,13 @@ class FoldSetup:
     num_input_channels: int
 
 
-def prepare_fold(dataset: str | int, method_name: str, configuration: str | None, fold: int | str) -> FoldSetup:
-    """Resolve the dataset, read plans/dataset.json/fingerprint, check the method, the cache and the fold's cases."""
+def prepare_fold(dataset: str | int, method_name: str, configuration: str | None, fold: int | str,
+                 method_overrides: dict[str, Any] | None = None) -> FoldSetup:
+    """Resolve the dataset, read plans/dataset.json/fingerprint, check the method, the cache and the fold's cases.
+
+    `method_overrides` (e.g. {"backbone": "tiny_vit", "checkpoint": "/path"} from --backbone/--checkpoint) are
+    merged into plans["methods"][method]: the model folder's plans.json records them, so prediction uses them too.
+    """
     from samplan.training.splits import fold_cases, get_splits
 
     method = get_method(method_name)  # a typo is reported before anything else, with the available names
@@ -69,6 +74,9 @@ def prepare_fold(dataset: str | int, method_name: str, configuration: str | None
     if method.name not in plans.get("methods", {}):
         raise SamplanError(f"{pre / 'plans.json'} has no section for {method.name!r}; re-plan with "
                            f"samplan_plan_and_preprocess -d {name} -m {method.name}.")
+    if method_overrides:
+        plans["methods"][method.name] = {**plans["methods"][method.name], **method_overrides}
+    method.check_plan(plans)
     configs = method.configurations(plans)
     configuration = configuration or configs[0]
     if configuration not in configs:
@@ -88,13 +96,15 @@ def prepare_fold(dataset: str | int, method_name: str, configuration: str | None
 
 
 def copy_model_files(s: FoldSetup, continuing: bool) -> None:
-    """Copy plans/dataset.json/fingerprint into the model folder (self-describing); a continued run must find them unchanged."""
+    """Copy plans (with the method overrides)/dataset.json/fingerprint into the model folder (self-describing);
+    a continued run must find them unchanged."""
     for f in MODEL_FILES:
         src, dst = s.preprocessed_dir / f, s.model_dir / f
-        if continuing and f == "plans.json" and dst.is_file() and load_json(dst) != load_json(src):
-            raise SamplanError(f"{src} changed since this training started ({dst}); continue with the old plans by restoring "
-                               "them, or start a new training without --c.")
-        save_json(load_json(src), dst)
+        content = s.plans if f == "plans.json" else load_json(src)
+        if continuing and f == "plans.json" and dst.is_file() and load_json(dst) != content:
+            raise SamplanError(f"{src} (or the --backbone/--checkpoint overrides) changed since this training started ({dst}); "
+                               "continue with the old plans and the same overrides, or start a new training without --c.")
+        save_json(content, dst)
 
 
 def make_loader(cache_dir: Path, case_ids: list[str], recipe: TrainingRecipe, label_manager: LabelManager, *,
@@ -154,6 +164,7 @@ def train_fold(
     num_workers: int | None = None,
     final_validation: bool = True,
     precision: str = "auto",
+    method_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
@@ -161,9 +172,11 @@ def train_fold(
     was started with unless they are given again). `seed` defaults to 12345, or to the checkpoint's seed
     when continuing. `num_workers`: background loader processes (0: load in this process; default from the
     device). `only_validate` runs only the final validation of checkpoint_final; `final_validation=False`
-    skips it after training. `precision`: auto|fp32|bf16|fp16 autocast (see samplan.devices).
+    skips it after training. `precision`: auto|fp32|bf16|fp16 autocast (see samplan.devices). `method_overrides`:
+    keys merged into the method's plan section (see prepare_fold). A new training calls the method's optional
+    `initialize_pretrained(network, plans, configuration) -> log line` hook (e.g. pretrained SAM encoder weights).
     """
-    s = prepare_fold(dataset, method_name, configuration, fold)
+    s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
     dev = resolve_device(device)
     workers = default_num_workers(dev) if num_workers is None else max(int(num_workers), 0)
     if only_validate:
@@ -211,7 +224,9 @@ def train_fold(
             recipe.grad_scaler.load_state_dict(state["grad_scaler_state"])
         logger.load_state_dict(state["logging"])
         start_epoch, best_ema = int(state["current_epoch"]), state["best_ema"]
-    elif pretrained_weights is not None:
+    elif callable(getattr(s.method, "initialize_pretrained", None)):
+        logger.print(s.method.initialize_pretrained(network, s.plans, s.configuration))
+    if state is None and pretrained_weights is not None:
         loaded, kept = load_pretrained_weights(network, pretrained_weights)
         logger.print(f"pretrained weights {pretrained_weights}: {len(loaded)} tensors loaded, {len(kept)} left as "
                      f"initialised ({', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''})")
