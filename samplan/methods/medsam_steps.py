@@ -1,0 +1,317 @@
+"""medsam's tensor work: cache values -> encoder input, batched box decoding, loss, steps, planned regions, 3D prediction.
+
+Imported lazily by `samplan.methods.medsam` (torch is needed here only when training or predicting).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samplan.devices import autocast
+from samplan.prompts.boxes import (box_from_mask, full_image_box, jitter_box, key_slice, object_masks, pad_box,
+                                   propagate, scale_box, union_box)
+
+if TYPE_CHECKING:
+    from samplan.training.recipe import TrainingRecipe
+
+ABSENT_LOGIT = -20.0  # slices that a label's box propagation never reached
+EMPTY_REGION = (1.0, 1.0, 0.0, 0.0)  # x0 > x1: no target seen yet
+_QUANTILE_MAX = 1_000_000  # torch.quantile refuses inputs above 2**24 values; a strided subsample is plenty
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def to_unit_range(x: torch.Tensor, entries: list[dict[str, Any]]) -> torch.Tensor:
+    """Cache values `(B, C, H, W)` -> float32 in [0, 1] per channel and image, following the plan's intensity entries."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    b = x.shape[0]
+    for c, e in enumerate(entries):
+        v = x[:, c].float()
+        if e["mode"] == "window":
+            lo, hi = e["window"]
+            out[:, c] = ((v - lo) / max(hi - lo, 1e-8)).clamp(0, 1)
+        elif e["mode"] == "scale":
+            out[:, c] = (v * float(e["factor"]) / 255.0).clamp(0, 1)
+        else:  # per-image percentile clip, all images of the batch at once (NaN marks pixels outside the mask)
+            flat = v.reshape(b, -1)
+            mask = flat != 0 if e.get("within_mask") else torch.ones_like(flat, dtype=torch.bool)
+            mask = mask | ~mask.any(1, keepdim=True)  # an all-zero image uses all its pixels
+            vals = torch.where(mask, flat, torch.full_like(flat, float("nan")))
+            vals = vals[:, :: max(1, vals.shape[1] // _QUANTILE_MAX)]
+            qs = torch.tensor([e["lower_percentile"], e["upper_percentile"]], device=x.device) / 100.0
+            q = torch.nanquantile(vals, qs, dim=1)  # (2, B)
+            lo, hi = q[0].view(b, 1), q[1].view(b, 1)
+            img = ((flat - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+            out[:, c] = torch.where(mask, img, torch.zeros_like(img)).view_as(v)  # background stays 0
+    return out
+
+
+def resized_shape(h: int, w: int, size: int) -> tuple[tuple[int, int], float]:
+    """The (height, width) of a slice resized so that its longer side is `size`, and the scale factor."""
+    scale = size / max(h, w)
+    return (max(1, round(h * scale)), max(1, round(w * scale))), scale
+
+
+def encoder_input(data: torch.Tensor, section: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Slices `(B, C, H, W)` (cache values) -> `(B, 3, S, S)` float32 in [0, 1] (longest side S, zero pad) and the scale."""
+    size = int(section["input_size"])
+    x = to_unit_range(data, section["intensity"]["per_channel"])[:, section["channels"]["rgb_from_channels"]]
+    (nh, nw), scale = resized_shape(*x.shape[-2:], size)
+    if (nh, nw) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    return F.pad(x, (0, size - nw, 0, size - nh)), scale
+
+
+def encoder_input_masks(masks: np.ndarray, size: int) -> torch.Tensor:
+    """Binary masks `(B, H, W)` -> `(B, 1, S, S)` float32 on the encoder input grid (nearest, zero pad)."""
+    m = torch.from_numpy(masks.astype(np.float32))[:, None]
+    (nh, nw), _ = resized_shape(*masks.shape[-2:], size)
+    if (nh, nw) != tuple(masks.shape[-2:]):
+        m = F.interpolate(m, size=(nh, nw), mode="nearest")
+    return F.pad(m, (0, size - nw, 0, size - nh))
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+def decode_boxes(model: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Single-mask logits `(B, 1, h, w)` (SAM's low resolution) for B image embeddings with one box `(B, 4)` each.
+
+    segment-anything's MaskDecoder adds the dense prompt embeddings to the image embeddings after repeating
+    those once per prompt, so B images with B boxes in one call would not match up. Passing a single zero
+    image embedding and "image + dense prompt" as the dense input gives every box exactly its own image
+    (0 + a == a) in one batched decoder call, through the public API only.
+    """
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes.float(), masks=None)
+    zero = embeddings.new_zeros((1, *embeddings.shape[1:]))
+    logits, _ = model.mask_decoder(image_embeddings=zero, image_pe=model.prompt_encoder.get_dense_pe(),
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=embeddings + dense,
+                                   multimask_output=False)
+    return logits
+
+
+def masks_at_input(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Low-resolution mask logits `(B, 1, h, w)` -> `(B, 1, size, size)` float32 (bilinear)."""
+    logits = logits.float()
+    if logits.shape[-1] == size:
+        return logits
+    return F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+
+
+class MedSAMLoss(nn.Module):
+    """MedSAM's loss: soft Dice of sigmoid probabilities (squared denominators) + BCE; logits/targets `(B, 1, H, W)`."""
+
+    def __init__(self, weight_dice: float = 1.0, weight_bce: float = 1.0, smooth: float = 1e-5):
+        super().__init__()
+        self.weight_dice, self.weight_bce, self.smooth = weight_dice, weight_bce, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss: per-image Dice averaged over the batch, plus the mean BCE."""
+        logits, g = logits.float(), target.float()
+        p = torch.sigmoid(logits)
+        dims = tuple(range(1, p.ndim))
+        dice = 1 - (2 * (p * g).sum(dims) + self.smooth) / ((p * p).sum(dims) + (g * g).sum(dims) + self.smooth)
+        bce = F.binary_cross_entropy_with_logits(logits, g)
+        return self.weight_dice * dice.mean() + self.weight_bce * bce
+
+
+# ------------------------------------------------------------------------------------------------ boxes per sample
+
+def label_mask(seg: np.ndarray, k: int, section: dict[str, Any]) -> np.ndarray:
+    """Boolean mask of foreground output k in a label map (label k+1, or region k's labels)."""
+    if section.get("regions"):
+        return np.isin(seg, section["regions_values"][k])
+    return seg == k + 1
+
+
+def planned_region_box(model: nn.Module, k: int, shape: tuple[int, int], pad: float) -> np.ndarray:
+    """The planned region of foreground output k on a slice `(H, W)`, padded by `pad` px; the whole slice if unknown."""
+    r = model.medsam_regions[k].detach().cpu().double().numpy()
+    if r[0] > r[2]:
+        return full_image_box(shape)
+    return pad_box(r * [shape[1] - 1, shape[0] - 1, shape[1] - 1, shape[0] - 1], pad, shape)
+
+
+def targets_and_boxes(target: torch.Tensor, section: dict[str, Any], model: nn.Module,
+                      rng: np.random.Generator) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Per sample: a binary mask `(H, W)`, its foreground output index and its box (cache pixels, before jitter).
+
+    The target is one foreground output present in the slice, chosen at random (one of its connected
+    objects when the box policy says per "object"). A slice without any gets a random output, an empty
+    target and the box the policy would give at inference without a reference (whole slice, or region).
+    """
+    t = target.detach().cpu().numpy()
+    policy, regions = section["box_policy"], bool(section.get("regions"))
+    n_fg = model.medsam_regions.shape[0]
+    b, _, h, w = t.shape
+    masks, ks, boxes = np.zeros((b, h, w), bool), [], np.zeros((b, 4))
+    for i in range(b):
+        per_k = [t[i, k] > 0.5 if regions else t[i, 0] == k + 1 for k in range(n_fg)]
+        present = [k for k in range(n_fg) if per_k[k].any()]
+        k = int(rng.choice(present)) if present else int(rng.integers(n_fg))
+        m = per_k[k]
+        if policy.get("per") == "object" and policy["name"] == "reference_jitter" and m.any():
+            objs = object_masks(m)
+            m = objs[int(rng.integers(len(objs)))]
+        tight = box_from_mask(m)
+        if policy["name"] == "reference_jitter" and tight is not None:
+            box = tight
+        elif policy["name"] == "fixed_full_image":
+            box = full_image_box((h, w))
+        else:  # the planned region (the whole slice while none is known)
+            box = planned_region_box(model, k, (h, w), float(policy["region_pad_px"]))
+        masks[i], boxes[i] = m, box
+        ks.append(k)
+    return masks, ks, boxes
+
+
+def freeze_frozen_norms(network: nn.Module) -> None:
+    """Batch-norm layers whose parameters are all frozen keep their running statistics (eval mode)."""
+    for mod in network.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            params = list(mod.parameters())
+            if params and not any(p.requires_grad for p in params):
+                mod.eval()
+
+
+def step(network: nn.Module, batch: dict[str, Any], recipe: "TrainingRecipe", device: torch.device,
+         section: dict[str, Any], *, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """A training step (optimizer given: jittered boxes, backward, AdamW step) or a validation step (with tp/fp/fn)."""
+    train = optimizer is not None
+    if train:
+        freeze_frozen_norms(network)  # the trainer's network.train() must not move a frozen encoder's statistics
+    target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))  # follows the trainer's per-epoch seed
+    masks, ks, boxes = targets_and_boxes(target, section, network, rng)
+    images, scale = encoder_input(batch["data"], section)
+    size = images.shape[-1]
+    content, _ = resized_shape(*target.shape[-2:], size)
+    policy = section["box_policy"]
+    boxes_in = np.stack([scale_box(bx, scale) for bx in boxes])
+    if train and policy["name"] == "reference_jitter" and float(policy["max_jitter_px"]) > 0:
+        # jitter in encoder-input pixels (MedSAM's 0..20 px), kept inside the resized image
+        outward = bool(policy.get("outward_only", True))
+        boxes_in = np.stack([jitter_box(bx, float(policy["max_jitter_px"]), content, rng, outward) for bx in boxes_in])
+    tgt = encoder_input_masks(masks, size).to(device)
+    images = images.to(device)
+    boxes_t = torch.as_tensor(boxes_in, dtype=torch.float32, device=device)
+    if train:
+        optimizer.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(train), autocast(device, recipe.autocast_dtype):
+        logits = masks_at_input(decode_boxes(network, network.image_encoder(images), boxes_t), size)
+        loss = recipe.loss(logits, tgt)
+    if train:
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(loss.detach())}
+    n_fg = network.medsam_regions.shape[0]
+    tp, fp, fn = [0.0] * n_fg, [0.0] * n_fg, [0.0] * n_fg
+    pred, ref = logits > 0, tgt > 0.5
+    for i, k in enumerate(ks):
+        tp[k] += float((pred[i] & ref[i]).sum())
+        fp[k] += float((pred[i] & ~ref[i]).sum())
+        fn[k] += float((~pred[i] & ref[i]).sum())
+    return {"loss": float(loss), "tp": tp, "fp": fp, "fn": fn}
+
+
+# ------------------------------------------------------------------------------------------------ planned regions
+
+def regions_from_cache(cache_dir: Path, section: dict[str, Any], n_fg: int) -> tuple[torch.Tensor, int]:
+    """Per foreground output, the union box of its voxels over the cached cases, as fractions `(x0, y0, x1, y1)`
+    of the slice (EMPTY_REGION where never seen); and the number of cases read (one at a time)."""
+    from samplan.preprocessing.cache import open_case
+
+    regions = [None] * n_fg
+    cases = sorted(p.name[: -len("_seg.b2nd")] for p in Path(cache_dir).glob("*_seg.b2nd"))
+    for case in cases:
+        _, seg, _ = open_case(cache_dir, case)
+        if seg is None:
+            continue
+        s = np.asarray(seg[:])[0]  # (Z, H, W)
+        h, w = s.shape[-2:]
+        for k in range(n_fg):
+            m = label_mask(s, k, section)
+            box = box_from_mask(m.any(0))  # union over slices of the per-slice boxes
+            if box is not None:
+                regions[k] = union_box(regions[k], box / ([max(w - 1, 1), max(h - 1, 1)] * 2))
+    return torch.tensor([list(r) if r is not None else list(EMPTY_REGION) for r in regions], dtype=torch.float32), len(cases)
+
+
+# ------------------------------------------------------------------------------------------------ 3D prediction
+
+def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], device: torch.device, *,
+                 reference: np.ndarray | None = None, chunk: int = 4) -> torch.Tensor:
+    """Logits `(K, Z, Y, X)` float32 CPU for a preprocessed case `data` `(C, Z, Y, X)`.
+
+    Per foreground output k:
+    - fixed policies: every slice with the fixed box (whole slice, or k's planned region), streamed in
+      chunks of slices;
+    - reference_jitter: the key slice is the one with the largest box of `reference` (a label map
+      `(Z, Y, X)` on the same grid, e.g. a user's prompts), predicted with that box; without a reference,
+      every slice is first predicted with k's planned region box and the key slice is the one whose
+      prediction has the largest box, prompted with that box. From the key slice the box is propagated up
+      and down (next box = box of the previous prediction) until a prediction is empty; slices not reached
+      get ABSENT_LOGIT. The image embeddings of the case are kept for this (Z x 256 x 64 x 64 values).
+    Labels: channel 0 (background) is 0, so argmax = the label with the largest positive mask logit, else
+    background (SAM's logit > 0 rule); regions: the mask logit per region.
+    """
+    network.eval()
+    c, z, h, w = data.shape
+    n_fg = network.medsam_regions.shape[0]
+    policy = section["box_policy"]
+    size = int(section["input_size"])
+    (nh, nw), scale = resized_shape(h, w, size)
+    fg = torch.full((n_fg, z, h, w), ABSENT_LOGIT)
+
+    def embed(sl: slice) -> torch.Tensor:
+        images, _ = encoder_input(data[:, sl].permute(1, 0, 2, 3), section)
+        return network.image_encoder(images.to(device))
+
+    def logits_for(emb: torch.Tensor, boxes: list[np.ndarray]) -> torch.Tensor:
+        bx = torch.as_tensor(np.stack([scale_box(b, scale) for b in boxes]), dtype=torch.float32, device=device)
+        lo = masks_at_input(decode_boxes(network, emb, bx), size)[:, :, :nh, :nw]
+        return F.interpolate(lo, (h, w), mode="bilinear", align_corners=False)[:, 0].float().cpu()
+
+    def fixed_box(k: int) -> np.ndarray:
+        if policy["name"] == "fixed_full_image":
+            return full_image_box((h, w))
+        return planned_region_box(network, k, (h, w), float(policy["region_pad_px"]))
+
+    with torch.no_grad():
+        if policy["name"] != "reference_jitter":
+            for s in range(0, z, chunk):
+                emb = embed(slice(s, s + chunk))
+                for k in range(n_fg):
+                    fg[k, s:s + emb.shape[0]] = logits_for(emb, [fixed_box(k)] * emb.shape[0])
+        else:
+            emb = torch.cat([embed(slice(s, s + chunk)) for s in range(0, z, chunk)])
+            for k in range(n_fg):
+                if reference is None:
+                    first = torch.cat([logits_for(emb[s:s + chunk], [planned_region_box(
+                        network, k, (h, w), float(policy["region_pad_px"]))] * len(emb[s:s + chunk]))
+                        for s in range(0, z, chunk)])
+                    boxes = [box_from_mask(first[i].numpy() > 0) for i in range(z)]
+                else:
+                    ref = label_mask(np.asarray(reference), k, section)
+                    boxes = [box_from_mask(ref[i]) for i in range(z)]
+                key = key_slice(boxes)
+                if key is None:
+                    continue
+                predict_slice = _slice_predictor(fg, k, emb, logits_for)
+                propagate(z, key, boxes[key], predict_slice)
+    if section.get("regions"):
+        return fg
+    return torch.cat([torch.zeros((1, z, h, w)), fg])
+
+
+def _slice_predictor(fg: torch.Tensor, k: int, emb: torch.Tensor,
+                     logits_for: Callable[[torch.Tensor, list[np.ndarray]], torch.Tensor]) -> Callable[[int, np.ndarray], np.ndarray]:
+    """predict_slice(z, box) for `propagate`: writes output k's logits of slice z and returns its mask."""
+    def predict_slice(i: int, box: np.ndarray) -> np.ndarray:
+        fg[k, i] = logits_for(emb[i:i + 1], [box])[0]
+        return fg[k, i].numpy() > 0
+    return predict_slice
