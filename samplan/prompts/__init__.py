@@ -1,1 +1,1 @@
-"""Prompts for the SAM-family methods: boxes (and later points) from masks, jitter and 3D propagation."""
+"""Prompts for the SAM-family methods: boxes and points from masks (oracle), jitter, 3D propagation, prompts files."""
