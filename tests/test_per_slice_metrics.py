@@ -74,3 +74,31 @@ def test_aggregate_skips_cases_without_labelled_slices():
     assert lab["volume_Dice_mean"] == 0.0
     with pytest.raises(ValueError):
         slice_scores(pred[0], ref[0], 1)
+
+
+def test_summary_json_carries_pooled_per_slice_scores_and_the_oracle_flag(tmp_path):
+    """samplan_evaluate's summary: per-slice pooled numbers as computed here, and prompts_used.json's oracle flag."""
+    import SimpleITK as sitk
+
+    from samplan.evaluation.evaluate import evaluate_folders
+
+    pred, ref = _hand_case()
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    for name, (p, r) in {"a": (pred, ref), "b": (ref, ref)}.items():
+        for arr, d in ((r, gt_dir), (p, pred_dir)):
+            img = sitk.GetImageFromArray(arr.astype(np.uint8))
+            img.SetSpacing((0.7, 0.7, 3.0))
+            sitk.WriteImage(img, str(d / f"{name}.nii.gz"))
+    summary = evaluate_folders(gt_dir, pred_dir, [1], ".nii.gz", output_file=tmp_path / "summary.json", progress=False)
+    expected = aggregate_per_slice({"a": case_per_slice(pred, ref, [1]), "b": case_per_slice(ref, ref, [1])})
+    got = summary["per_slice"]["labels"]["1"]
+    assert got["Dice_pooled"] == pytest.approx(expected["labels"]["1"]["Dice_pooled"])
+    assert got["n_slices"] == 6 and got["n_empty_prediction_slices"] == 1
+    assert summary["per_slice"]["oracle"] is None and "prompts" not in summary
+    assert "per_slice" not in summary["metric_per_case"][0]  # nnU-Net's per-case schema unchanged
+
+    (pred_dir / "prompts_used.json").write_text(json.dumps({"oracle": True, "strategy": "box"}))
+    summary = evaluate_folders(gt_dir, pred_dir, [1], ".nii.gz", progress=False)
+    assert summary["per_slice"]["oracle"] is True and summary["prompts"]["strategy"] == "box"

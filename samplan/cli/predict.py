@@ -11,12 +11,17 @@ EPILOG = """examples:
   samplan_predict -i imagesTs/ -o pred/ -d 4 -m unet -c 3d_fullres -f 0 1 2 3 4
   samplan_predict -i imagesTs/ -o pred/ -d Hippocampus -m unet -f all --checkpoint best --disable-tta
   samplan_predict -i imagesTs/ -o pred/ --save-probabilities --continue --device cpu -np 2
+  samplan_predict -i imagesTr/ -o pred/ -m samzeroshot --prompt-strategy oracle --reference-dir labelsTr/
+  samplan_predict -i imagesTs/ -o pred/ -m samzeroshot --prompts prompts.json   # points/boxes per case and slice
 
 Input files are named as in the raw format: {case}_{XXXX}{ending}, one file per channel (XXXX = 0000,
 0001, ...; an RGB PNG holds three channels). Outputs are {case}{ending}; with --save-probabilities also
 {case}.npz (key "probabilities", float16, C x Z x Y x X in the input's grid) and {case}.json (properties).
 Without -d/-m/-c, the one trained model under SAMPLAN_RESULTS that fits is used; when several fit, they
 are listed with the arguments that choose each.
+Prompted methods (samzeroshot) need --prompts FILE, or --prompt-strategy with --reference-dir (label maps
+{case}{ending}: an oracle protocol, recorded in the output folder's prompts_used.json). Their image embeddings
+are cached under the model folder's embedding_cache/ (--no-embedding-cache disables it).
 """
 
 
@@ -40,7 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=0,
                    help="preprocessing worker processes running ahead of the network (default: 0 = one background "
                         "thread, usually fastest; use N > 0 only when preprocessing is much slower than the network)")
+    g = p.add_argument_group("prompted methods (samzeroshot)")
+    g.add_argument("--prompts", default=None, metavar="JSON", help="prompts file: points/boxes per case and slice, voxel or world coordinates")
+    g.add_argument("--prompt-strategy", default=None, choices=("oracle", "box", "propagate"),
+                   help="prompts from --reference-dir label maps: the paper's oracle points, boxes, or one key-slice box propagated (default: oracle)")
+    g.add_argument("--reference-dir", default=None, metavar="DIR", help="reference label maps {case}{ending} for --prompt-strategy")
+    g.add_argument("--embedding-cache-dir", default=None, metavar="DIR", help="where image embeddings are cached (default: MODEL_DIR/embedding_cache)")
+    g.add_argument("--no-embedding-cache", action="store_true", help="always run the image encoder; cache nothing")
     return p
+
+
+def prompt_source_from_args(args: argparse.Namespace, model_dir, file_ending: str):
+    """The PromptSource of the prompt flags (None without any), with its embedding cache."""
+    from pathlib import Path
+
+    from samplan.errors import SamplanError
+    from samplan.inference.embedding_cache import EmbeddingCache
+    from samplan.inference.prompted import PromptSource
+
+    if args.prompts is None and args.reference_dir is None:
+        if args.prompt_strategy is not None:
+            raise SamplanError("--prompt-strategy needs --reference-dir (the reference label maps the prompts come from).")
+        return None
+    cache = None if args.no_embedding_cache else EmbeddingCache(Path(args.embedding_cache_dir or Path(model_dir) / "embedding_cache"))
+    return PromptSource(prompts_file=args.prompts, strategy=args.prompt_strategy, reference_dir=args.reference_dir,
+                        file_ending=file_ending, embedding_cache=cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SamplanError(f"input folder {args.input} does not exist.")
         model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
         print(f"model: {model.path} (folds {' '.join(args.folds or model.folds)}, checkpoint_{args.checkpoint})")
+        from samplan.utils import load_json
+
+        source = prompt_source_from_args(args, model.path, load_json(Path(model.path) / "dataset.json")["file_ending"])
         predictor = Predictor.from_model_dir(
             model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta,
-            precision=args.precision,
+            precision=args.precision, prompt_source=source,
         )
         outputs = predictor.predict_folder(
             args.input, args.output, save_probabilities=args.save_probabilities,

@@ -14,6 +14,10 @@ addition (nnU-Net readers ignore it). `mean` is the NaN-skipping mean over cases
 NaN-skipping mean of the per-label means, background key "0" excluded -- equal to nnU-Net's whenever
 nnU-Net's is defined (nnU-Net returns NaN when one label is NaN in every case).
 
+Also ours: "per_slice" (samplan.evaluation.per_slice: Dice/Jaccard per labelled slice along axis 0, pooled
+over all labelled slices, as the lung-CT SAM paper reports them) and, for prompted predictions, "prompts"
+(the prediction folder's prompts_used.json: strategy and whether the prompts came from the reference).
+
 NaN (Dice of a label absent from both masks, HD95 likewise) is written as JSON `null`, so the file is
 standard JSON; `load_summary` turns the nulls back into NaN. The dict returned by `evaluate_folders` holds
 NaN floats and equals `load_summary(output_file)` up to NaN != NaN.
@@ -30,8 +34,11 @@ import numpy as np
 from samplan.dataset.image_io import SUPPORTED_ENDINGS, read_seg
 from samplan.errors import DatasetError, SamplanError
 from samplan.evaluation.metrics import METRIC_NAMES, LabelOrRegion, case_metrics, label_key
+from samplan.evaluation.per_slice import aggregate_per_slice, case_per_slice
 from samplan.parallel import default_num_processes, map_cases
 from samplan.utils import load_json, save_json
+
+PROMPTS_RECORD = "prompts_used.json"  # written by prompted predictions (samplan.inference.prompted)
 
 
 def evaluate_case(
@@ -50,7 +57,11 @@ def evaluate_case(
             f"{ref.shape[1:]}; predictions must be exported in the reference's geometry."
         )
     metrics = case_metrics(ref, pred, labels_or_regions, props["spacing"], ignore_label, nsd_tolerance_mm)
-    return {"metrics": metrics, "prediction_file": str(prediction_file), "reference_file": str(reference_file)}
+    # the per-slice protocol of the lung-CT SAM paper, along axis 0 (a 2D image is one slice)
+    ref2, pred2 = (ref[0], pred[0]) if ref.ndim == 4 else (ref, pred)
+    per_slice = case_per_slice(pred2, ref2, labels_or_regions)
+    return {"metrics": metrics, "prediction_file": str(prediction_file), "reference_file": str(reference_file),
+            "per_slice": per_slice}
 
 
 def unique_labels(file: str) -> list[int]:
@@ -123,18 +134,33 @@ def evaluate_folders(
     if not targets:
         raise SamplanError(f"nothing to evaluate: no foreground labels given or found in {gt_dir} and {pred_dir}.")
     items = [(c, (str(ref), str(pred), targets, ignore_label, float(nsd_tolerance_mm))) for c, (ref, pred) in pairs.items()]
-    per_case = list(map_cases(evaluate_case, items, n_proc, desc="evaluating", progress=progress).values())
+    by_case = map_cases(evaluate_case, items, n_proc, desc="evaluating", progress=progress)
+    per_slice = {case: r.pop("per_slice") for case, r in by_case.items()}
+    per_case = list(by_case.values())
     means, foreground_mean = summarize(per_case, [label_key(t) for t in targets])
+    prompts = _prompts_record(Path(pred_dir))
     result = {
         "foreground_mean": foreground_mean,
         "mean": means,
         "metric_per_case": per_case,
         "settings": {"ignore_label": ignore_label, "nsd_tolerance_mm": float(nsd_tolerance_mm)},
+        "per_slice": aggregate_per_slice(per_slice, oracle=None if prompts is None else bool(prompts.get("oracle"))),
     }
+    for entries in result["per_slice"]["per_case"].values():
+        for entry in entries.values():
+            del entry["slices"]  # one row per slice would bloat summary.json; per-case counts and means stay
+    if prompts is not None:  # prompted predictions: the summary says where the prompts came from (oracle or not)
+        result["prompts"] = prompts
     result = _sorted_keys(result)
     if output_file is not None:
         save_json(_nan_to_none(result), output_file)
     return result
+
+
+def _prompts_record(pred_dir: Path) -> dict[str, Any] | None:
+    """The prompts_used.json a prompted prediction wrote into its output folder, or None."""
+    f = pred_dir / PROMPTS_RECORD
+    return load_json(f) if f.is_file() else None
 
 
 def _labels_found(pairs: dict[str, tuple[Path, Path]], ignore_label: int | None, n_proc: int, progress: bool) -> list[int]:

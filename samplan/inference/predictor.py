@@ -11,6 +11,7 @@ import multiprocessing as mp
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,7 +42,9 @@ class Predictor:
 
     `fold_weights` are state dicts loaded into `network` one after the other (None: use the network as
     it is, e.g. the trainer's final validation). `mirror_axes` are the spatial axes of the network input
-    used for mirroring TTA (default: all of them); `tta=False` disables it.
+    used for mirroring TTA (default: all of them); `tta=False` disables it. `prompt_source` (prompted methods,
+    see samplan.inference.prompted): per case, a reference label map preprocessed with the image and the
+    method's extra predict_logits arguments (prompts, embedding cache); None for every other method.
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class Predictor:
         mirror_axes: Sequence[int] | None = None,
         progress: bool = True,
         precision: str = "auto",
+        prompt_source: Any = None,
     ):
         self.method = method
+        self.prompt_source = prompt_source
         self.network = network
         self.plans = plans
         self.configuration = configuration
@@ -87,6 +92,7 @@ class Predictor:
         tta: bool = True,
         progress: bool = True,
         precision: str = "auto",
+        prompt_source: Any = None,
     ) -> "Predictor":
         """Load a trained model folder; `folds` None uses every fold that has `checkpoint_<checkpoint>.pth`."""
         model_dir = Path(model_dir)
@@ -120,12 +126,15 @@ class Predictor:
         network.load_state_dict(weights[0])  # fail here, with the file named, if the architecture does not match
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
-                   device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision)
+                   device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision,
+                   prompt_source=prompt_source)
 
     # ------------------------------------------------------------------------------------------- network
 
-    def predict_logits(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, data: np.ndarray | torch.Tensor, **method_kwargs: Any) -> torch.Tensor:
         """Logits `(K, z, y, x)` float32 (CPU) for one preprocessed case `(C, z, y, x)`.
+
+        `method_kwargs` (e.g. prompts) are passed on to the method's predict_logits.
 
         With several folds the ensemble averages probabilities (not logits, so that one over-confident
         fold cannot outvote the others) and returns the logits of that mean, which export turns back
@@ -139,8 +148,8 @@ class Predictor:
                 self.network.load_state_dict(weights)
             with autocast(self.device, self.autocast_dtype):
                 logits = self.method.predict_logits(
-                    self.network, data, self.plans, self.configuration, mirror_axes=self.mirror_axes, device=self.device
-                )
+                    self.network, data, self.plans, self.configuration, mirror_axes=self.mirror_axes, device=self.device,
+                    **method_kwargs)
             if len(folds) == 1:
                 return logits
             probs = self.label_manager.logits_to_probabilities(logits)
@@ -218,6 +227,8 @@ class Predictor:
         todo = {c: [Path(f) for f in files] for c, files in cases.items()
                 if overwrite or not self.is_done(output_dir, c, save_probabilities)}
         check_case_channels(todo, self.num_input_channels)
+        source = self.prompt_source
+        references = {c: source.reference_file(c) for c in todo} if source is not None else {}  # all checked first
         output_dir.mkdir(parents=True, exist_ok=True)
         args = (self.plans, self.configuration)
         # a single case gains nothing from a worker process that must first import numpy, scipy, ...
@@ -230,7 +241,7 @@ class Predictor:
 
             def submit_next() -> None:
                 for case, files in items:
-                    queue.append((case, pre.submit(_call, preprocess_case_files, case, (files, None, *args))))
+                    queue.append((case, pre.submit(_call, preprocess_case_files, case, (files, references.get(case), *args))))
                     return
 
             for _ in range(max(workers, 1)):
@@ -239,14 +250,16 @@ class Predictor:
                 while queue:
                     case, future = queue.popleft()
                     try:
-                        data, _, props = future.result()
+                        data, ref, props = future.result()
                     except BrokenProcessPool as e:
                         raise SamplanError(
                             f"the preprocessing worker died on case '{case}' (most often: out of memory). "
                             f"Re-run with -np 0 and --continue; finished cases are kept."
                         ) from e
                     submit_next()  # the next case is preprocessed while the network works on this one
-                    logits = _call(self.predict_logits, case, (data,))
+                    extra = {} if source is None else source.for_case(
+                        case, None if ref is None else ref[0], props, data.shape, self.plans, self.method.name)
+                    logits = _call(partial(self.predict_logits, **extra), case, (data,))
                     del data
                     while len(writes) >= _MAX_PENDING_WRITES:
                         writes.popleft().result()
@@ -258,6 +271,8 @@ class Predictor:
                     bar.update()
                 for w in writes:
                     w.result()
+                if source is not None:
+                    source.record(output_dir)
             finally:
                 bar.close()
                 for _, future in queue:

@@ -7,12 +7,14 @@ from samplan.errors import SamplanError
 from samplan.methods.base import Method
 from samplan.methods.medsam import MedSAMMethod
 from samplan.methods.samunetr import SAMUNETRMethod
+from samplan.methods.samzeroshot import SAMZeroShotMethod
 from samplan.methods.unet import UNetMethod
 
 METHODS: dict[str, Method] = {
     "unet": UNetMethod(),
     "samunetr": SAMUNETRMethod(),
     "medsam": MedSAMMethod(),
+    "samzeroshot": SAMZeroShotMethod(),
 }
 
 

@@ -178,6 +178,8 @@ def train_fold(
     """
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
     dev = resolve_device(device)
+    if not s.method.needs_training:
+        return write_untrained_fold(s, seed)
     workers = default_num_workers(dev) if num_workers is None else max(int(num_workers), 0)
     if only_validate:
         logger = TrainingLogger(s.fold_dir)
@@ -243,6 +245,27 @@ def train_fold(
     logger.print(f"training done: {s.fold_dir / 'checkpoint_final.pth'}")
     if final_validation:
         run_final_validation(s, dev, logger, precision)
+    return s.fold_dir
+
+
+def write_untrained_fold(s: FoldSetup, seed: int | None = None) -> Path:
+    """A method without training: the model folder (plans, dataset.json, fingerprint) and checkpoint_final holding
+    the pretrained network's state dict (from the method's `initialize_pretrained`), so the predictor serves it."""
+    s.fold_dir.mkdir(parents=True, exist_ok=True)
+    (s.fold_dir / "training_log.txt").unlink(missing_ok=True)
+    logger = TrainingLogger(s.fold_dir)
+    copy_model_files(s, continuing=False)
+    seed = int(seed if seed is not None else DEFAULT_SEED)
+    seed_everything(seed)  # random-weights backbones (tests) are reproducible
+    network = s.method.build_network(s.plans, s.configuration, s.num_input_channels, s.label_manager.num_outputs)
+    if callable(getattr(s.method, "initialize_pretrained", None)):
+        logger.print(s.method.initialize_pretrained(network, s.plans, s.configuration))
+    state = {"network_weights": network.state_dict(), "method": s.method.name, "configuration": s.configuration,
+             "fold": s.fold, "plans_name": s.plans.get("plans_name", PLANS_NAME), "dataset_name": s.dataset_name,
+             "num_input_channels": s.num_input_channels, "num_outputs": s.label_manager.num_outputs,
+             "mirror_axes": [], "needs_training": False, "seed": seed, "current_epoch": 0}
+    save_checkpoint(state, s.fold_dir / "checkpoint_final.pth")
+    logger.print(f"{s.method.name} needs no training: wrote {s.fold_dir / 'checkpoint_final.pth'}; predict with samplan_predict")
     return s.fold_dir
 
 

@@ -1,0 +1,71 @@
+"""On-disk cache of image embeddings per case and backbone, so that re-prompting a case skips the image encoder.
+
+Like segment-anything's SamPredictor (set_image once, predict many times), but across runs: the key is the
+sha256 of the preprocessed case array (shape, dtype, bytes) together with the backbone name, the weights
+identity (sha256 of the weights file, or of the random state), the input size and the intensity/channel
+mapping, so that a changed image or backbone never reuses stale embeddings. Files are `{key}.pt` holding
+one plain tensor `(Z, D, h, w)` float32 (torch.save, read with weights_only=True: no pickle), written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from samplan.utils import atomic_path
+
+
+def array_sha256(data: np.ndarray | torch.Tensor) -> str:
+    """sha256 of an array's shape, dtype and bytes (C order)."""
+    a = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.shape}|{a.dtype}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def embedding_key(data: np.ndarray | torch.Tensor, backbone: str, weights_id: str, input_size: int,
+                  mapping: Mapping[str, Any] | None = None) -> str:
+    """The cache key of one case's embeddings (hex sha256); `mapping`: how values became encoder input (JSON data)."""
+    h = hashlib.sha256(array_sha256(data).encode())
+    h.update(json.dumps({"backbone": backbone, "weights": weights_id, "input_size": int(input_size),
+                         "mapping": mapping or {}}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """A folder of `{key}.pt` embedding tensors; `hits` / `misses` count look-ups of this instance."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        """Where the embeddings of `key` live."""
+        return self.root / f"{key}.pt"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The cached tensor of `key`, or None (a missing or unreadable file counts as a miss)."""
+        p = self.path(key)
+        if p.is_file():
+            try:
+                t = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception:  # a damaged file is recomputed, never trusted
+                t = None
+            if isinstance(t, torch.Tensor):
+                self.hits += 1
+                return t
+        self.misses += 1
+        return None
+
+    def put(self, key: str, embeddings: torch.Tensor) -> Path:
+        """Store `embeddings` (detached, CPU, contiguous) atomically under `key`."""
+        p = self.path(key)
+        with atomic_path(p) as tmp:
+            torch.save(embeddings.detach().cpu().contiguous(), tmp)
+        return p
