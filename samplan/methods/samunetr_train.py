@@ -104,7 +104,8 @@ def load_pretrained_encoder(network: nn.Module, plans: dict[str, Any]) -> str:
     """Load the planned encoder weights into a freshly built network; returns a line for the training log."""
     from pathlib import Path
 
-    from samplan.models.backbones import build_image_encoder
+    from samplan.models.backbones import load_strict
+    from samplan.models.weights import load_backbone_state
 
     section = section_of(plans)
     spec, name, in_chans = _spec_and_channels(section)
@@ -115,8 +116,11 @@ def load_pretrained_encoder(network: nn.Module, plans: dict[str, Any]) -> str:
     if ckpt is None:
         return f"samunetr: {name} encoder randomly initialised; {counts}"
     source = "auto" if ckpt == "auto" else Path(ckpt)
-    loaded = build_image_encoder(name, input_size=int(section["input_size"]), in_chans=in_chans, checkpoint=source)
-    network.network.encoder.load_state_dict(loaded.state_dict())
+    # load the adapted state straight into the network's encoder: building a second encoder to copy from would
+    # hold the backbone twice (2.5 GB for ViT-H)
+    state = load_backbone_state(spec, source, input_size=int(section["input_size"]), in_chans=in_chans,
+                                part="image_encoder")
+    load_strict(network.network.encoder, state, name, ckpt)
     return f"samunetr: {name} encoder weights from {ckpt} (resized to {section['input_size']} px, {in_chans} channel(s)); {counts}"
 
 
