@@ -1,12 +1,15 @@
 """Device and numeric-precision choices shared by training and inference.
 
-CPU is the default target. On CPUs with native bfloat16 (AVX-512 BF16 / AMX), bf16 autocast roughly
-halves the time of a U-Net training step (measured: 3.5 s -> 1.8 s for nnU-Net's Hippocampus plan on 2
-cores), the same trade nnU-Net makes with float16 autocast on CUDA: weights, optimiser state and
-losses stay float32, only the convolutions and matmuls run in the lower precision.
+CPU is the default target. Whether bfloat16 autocast pays off on a CPU cannot be read from its feature
+flags: on the 2-core AVX-512-BF16 machine samplan is developed on, oneDNN reports native bf16, yet a 2048^2
+matmul runs at 260 GFLOP/s in fp32 and 158 in bf16, and a U-Net training step is slower in bf16 (Hippocampus
+plan, batch 7: 6.2 s fp32 vs 7.1 s bf16; demo plan 3.6 s vs 4.0 s; measured 2026-12-02). So `auto` on the
+CPU times one small matmul in both precisions once per process and picks bf16 only when it is clearly
+faster (AMX CPUs). Under autocast, weights, optimiser state and losses stay float32 either way.
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import ContextManager
@@ -35,6 +38,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return torch.device(spec)
 
 
+# bf16 must beat fp32 by this factor in the probe to be chosen: a tie is not worth the lost precision
+BF16_MIN_SPEEDUP = 1.25
+_PROBE_N = 1024
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN runs bfloat16 natively on this CPU (otherwise bf16 is emulated and slower)."""
@@ -44,10 +52,32 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def _best_matmul_seconds(dtype: torch.dtype, n: int = _PROBE_N, tries: int = 5) -> float:
+    """Fastest of `tries` n x n matmuls in `dtype` on the CPU (after one warm-up)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """Measured fp32 / bf16 matmul time on this CPU (0.0 without native bf16); about 20 ms, once per process."""
+    if not cpu_has_native_bf16():
+        return 0.0
+    return _best_matmul_seconds(torch.float32) / _best_matmul_seconds(torch.bfloat16)
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None = plain float32).
 
-    auto: float16 on CUDA, bfloat16 on CPUs with native bf16, float32 otherwise (MPS included).
+    auto: float16 on CUDA; on the CPU bfloat16 when a probe measures it at least BF16_MIN_SPEEDUP times
+    faster than float32 (see the module docstring), else float32; float32 on MPS.
     """
     if precision not in PRECISIONS:
         raise SamplanError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
@@ -61,7 +91,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.float16
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
         return torch.bfloat16
     return None
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iters", type=int, default=None, metavar="N", help="validation iterations per epoch (default: recipe, 50 for unet)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto = cuda > mps > cpu)")
     p.add_argument("--c", dest="continue_training", action="store_true", help="continue from the fold's latest checkpoint")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA; on a CPU bf16 only where a quick probe measures it faster than fp32, else fp32)")
     p.add_argument("--val", dest="only_validate", action="store_true", help="only run the final validation with checkpoint_final")
     p.add_argument("--pretrained-weights", default=None, metavar="FILE", help="initialise from a checkpoint (tensors matching by name and shape; segmentation heads excluded)")
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: 12345, or the checkpoint's with --c)")
