@@ -74,6 +74,7 @@ def test_plan_section_follows_the_paper(plans3d):
     assert s["recipe"]["optimizer"] == {"name": "AdamW", "lr": 1e-4, "weight_decay": 0.01}
     assert s["recipe"]["loss"]["name"] == "dice_sigmoid_squared+bce"
     assert 1 <= s["batch_size"] <= 16 and s["configurations"] == ["2d"] and s["regions"] is False
+    assert s["prompt"]["label_groups"] == [[1], [2]]  # one reference box per output
     json.dumps(s)  # plain JSON
 
 
@@ -196,7 +197,7 @@ def test_training_lowers_the_loss_and_samplan_predict_uses_the_model(prepared, t
         assert pred.shape == np.asarray(Image.open(lab)).shape and set(np.unique(pred)) <= {0, 1}
 
 
-def test_reference_jitter_training_and_prediction_without_reference_in_3d(prepared):
+def test_reference_jitter_training_validates_with_reference_boxes_and_prediction_needs_boxes(prepared, tmp_path):
     ds = prepared["3d"]
     fold_dir = train_fold(ds.name, "medsam", "2d", 0, epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0,
                           precision="fp32", method_overrides={**TINY, "batch_size": 2})
@@ -206,8 +207,22 @@ def test_reference_jitter_training_and_prediction_without_reference_in_3d(prepar
     regions = ckpt["network_weights"]["medsam_regions"]
     assert regions.shape == (2, 4) and bool((regions[:, 0] < regions[:, 2]).all())  # both labels seen
     assert (0 <= regions).all() and (regions <= 1).all()
-    # the final validation predicted the held-out volume by propagation from the planned-region prediction
-    assert load_json(fold_dir / "validation" / "summary.json")["metric_per_case"]
+    # the final validation propagated each label's largest reference box, and says it is an oracle
+    assert "with 'propagate' boxes from the reference masks (an oracle protocol)" in log
+    summary = load_json(fold_dir / "validation" / "summary.json")
+    assert summary["metric_per_case"] and summary["prompts"]["oracle"] is True
+    assert summary["prompts"]["strategy"] == "propagate"
+
+    from samplan.cli import predict as predict_cli
+
+    args = ["-i", str(ds / "imagesTr"), "-d", ds.name, "-m", "medsam", "-f", "0", "--device", "cpu"]
+    out = tmp_path / "no_boxes"
+    assert predict_cli.main([*args, "-o", str(out)]) == 1  # trained on tight boxes: no box, no prediction
+    assert not out.exists()
+    out = tmp_path / "boxes"
+    assert predict_cli.main([*args, "-o", str(out), "--prompt-strategy", "box", "--reference-dir",
+                             str(ds / "labelsTr")]) == 0
+    assert len(list(out.glob("*.nii.gz"))) == 5 and load_json(out / "prompts_used.json")["oracle"] is True
 
 
 class _OracleNet(nn.Module):
@@ -228,30 +243,72 @@ def _oracle_decode(model, emb, boxes):
     return torch.where(inside[:, None] & (emb[:, :1] > 0.5), 10.0, -10.0)
 
 
-@pytest.mark.parametrize("with_reference", [True, False])
-def test_3d_prediction_propagates_from_the_largest_box_and_stops_at_empty_slices(monkeypatch, with_reference):
-    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
+def _drifting_blob_case():
+    """A blob drifting right over slices 3..9 (largest on slice 6) and a bright far blob on slices 0-1 that no
+    propagation reaches; data `(1, Z, H, W)`, the blob mask and the preprocessing-free section."""
     z, h, w = 12, 48, 40
     obj = np.zeros((z, h, w), bool)
-    for s, r in zip(range(3, 10), [2, 4, 6, 8, 6, 4, 2]):  # a blob drifting right, largest on slice 6
+    for s, r in zip(range(3, 10), [2, 4, 6, 8, 6, 4, 2]):
         obj[s, 20 - r:20 + r, 8 + s - r:8 + s + r] = True
     far = np.zeros_like(obj)
-    far[0:2, 2:6, 30:36] = True  # bright, but not connected through the slices: never reached
+    far[0:2, 2:6, 30:36] = True
     data = torch.from_numpy((obj | far).astype(np.float32))[None]
     section = {"input_size": 48, "intensity": {"per_channel": [{"mode": "scale", "factor": 255.0}]},
                "channels": {"rgb_from_channels": [0, 0, 0]}, "regions": False,
                "box_policy": {"name": "reference_jitter", "region_pad_px": 10}}
-    reference = np.zeros((z, h, w), np.uint8)  # only the key slice's box comes from the reference
+    return data, obj, section
+
+
+def _case_prompts(strategy, boxes):
+    from samplan.inference.prompted import CasePrompts, GridPrompt
+
+    no_pts = (np.zeros((0, 2)), np.zeros((0,), np.int64))
+    return CasePrompts("c", [GridPrompt(z, 1, *no_pts, np.asarray(b, float)) for z, b in boxes], strategy,
+                       oracle=strategy != "file", propagate=strategy == "propagate")
+
+
+def test_3d_prediction_propagates_from_the_largest_reference_box_and_stops_at_empty_slices(monkeypatch):
+    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case()
+    reference = np.zeros(obj.shape, np.uint8)  # only the key slice's box comes from the reference
     reference[6] = obj[6]
-    logits = predict_case(_OracleNet(), data, section, torch.device("cpu"),
-                          reference=reference if with_reference else None)
-    assert logits.shape == (2, z, h, w) and torch.all(logits[0] == 0)
-    pred = logits[1] > 0
-    if with_reference:
-        assert np.array_equal(pred.numpy(), obj)
-        assert torch.all(logits[1, :2] == ABSENT_LOGIT) and torch.all(logits[1, 11] == ABSENT_LOGIT)
-    else:  # every slice first with the (whole-slice) region box; the key slice is then slice 6 again
-        assert np.array_equal(pred.numpy(), obj)
+    logits = predict_case(_OracleNet(), data, section, torch.device("cpu"), reference=reference)
+    assert logits.shape == (2, *obj.shape) and torch.all(logits[0] == 0)
+    assert np.array_equal((logits[1] > 0).numpy(), obj)
+    assert torch.all(logits[1, :2] == ABSENT_LOGIT) and torch.all(logits[1, 11] == ABSENT_LOGIT)
+    with pytest.raises(SamplanError, match="trained with reference boxes"):
+        predict_case(_OracleNet(), data, section, torch.device("cpu"))
+
+
+def test_3d_prediction_from_prompts(monkeypatch):
+    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case()
+    from samplan.prompts.boxes import box_from_mask
+
+    run = lambda prompts: (predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=prompts)[1] > 0).numpy()
+    # one propagated key-slice box recovers the whole blob
+    assert np.array_equal(run(_case_prompts("propagate", [(6, box_from_mask(obj[6]))])), obj)
+    # per-slice boxes predict exactly those slices: no propagation
+    pred = run(_case_prompts("box", [(4, box_from_mask(obj[4])), (8, box_from_mask(obj[8]))]))
+    assert np.array_equal(pred[[4, 8]], obj[[4, 8]]) and not pred[[3, 5, 6, 7, 9]].any()
+    # a prompts file: a user's box on the far blob and one on the blob's largest slice each propagate; both found
+    far_box = [30, 2, 35, 5]
+    pred = run(_case_prompts("file", [(6, box_from_mask(obj[6])), (0, far_box)]))
+    assert np.array_equal(pred[3:10], obj[3:10]) and pred[0:2, 2:6, 30:36].all() and not pred[10:].any()
+
+
+def test_prompts_without_boxes_or_with_unknown_labels_are_refused(monkeypatch):
+    from samplan.inference.prompted import CasePrompts, GridPrompt
+
+    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case()
+    points = CasePrompts("c7", [GridPrompt(6, 1, np.array([[12.0, 20.0]]), np.array([1]), None)], "oracle", oracle=True)
+    with pytest.raises(SamplanError, match="c7: medsam takes box prompts.*slice 6"):
+        predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=points)
+    wrong = _case_prompts("file", [(6, [1, 1, 9, 9])])
+    wrong.prompts[0] = GridPrompt(6, 3, np.zeros((0, 2)), np.zeros((0,), np.int64), np.array([1.0, 1, 9, 9]))
+    with pytest.raises(SamplanError, match="prompt label 3 on slice 6 is not a medsam output; use a foreground label value 1..1"):
+        predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=wrong)
 
 
 def test_validation_step_counts_per_label(plans3d):

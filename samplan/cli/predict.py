@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster in 3D)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the network runs (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA; on a CPU bf16 only where a quick probe measures it faster than fp32, else fp32)")
     p.add_argument("-np", "--num-processes", type=int, default=0,
                    help="preprocessing worker processes running ahead of the network (default: 0 = one background "
                         "thread, usually fastest; use N > 0 only when preprocessing is much slower than the network)")
-    g = p.add_argument_group("prompted methods (samzeroshot)")
+    g = p.add_argument_group("prompted methods (samzeroshot; medsam takes boxes)")
     g.add_argument("--prompts", default=None, metavar="JSON", help="prompts file: points/boxes per case and slice, voxel or world coordinates")
     g.add_argument("--prompt-strategy", default=None, choices=("oracle", "box", "propagate"),
                    help="prompts from --reference-dir label maps: the paper's oracle points, boxes, or one key-slice box propagated (default: oracle)")

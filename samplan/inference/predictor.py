@@ -228,6 +228,10 @@ class Predictor:
                 if overwrite or not self.is_done(output_dir, c, save_probabilities)}
         check_case_channels(todo, self.num_input_channels)
         source = self.prompt_source
+        if source is None and todo:
+            needs = self.method.missing_prompts_error(self.plans)
+            if needs is not None:  # before any output is written
+                raise SamplanError(needs)
         references = {c: source.reference_file(c) for c in todo} if source is not None else {}  # all checked first
         output_dir.mkdir(parents=True, exist_ok=True)
         args = (self.plans, self.configuration)

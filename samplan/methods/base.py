@@ -60,6 +60,15 @@ class TrainableMethod(Method):
         Called by the trainer before anything is written, so a typo in --backbone leaves no model folder.
         """
 
+    def missing_prompts_error(self, plans: dict[str, Any]) -> str | None:
+        """The error to stop a prediction run with when it has no prompts but this method's model needs them."""
+        return None
+
+    def validation_prompt_strategy(self, plans: dict[str, Any]) -> str | None:
+        """For box- or point-prompted methods: the reference-derived prompt strategy (samplan.inference.prompted)
+        that the final validation predicts with, marked as an oracle in its summary; None = no prompts."""
+        return None
+
     @abstractmethod
     def build_network(self, plans: dict[str, Any], configuration: str, num_input_channels: int, num_outputs: int) -> "nn.Module":
         """The network for `configuration`, randomly initialised (weights are loaded by the caller)."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from samplan.dataset.dataset_json import channel_names, regions, uses_regions
+from samplan.dataset.dataset_json import channel_names, foreground_labels, regions, uses_regions
 from samplan.errors import SamplanError
 from samplan.experiment_planning.plans import ComputeBudget
 from samplan.methods.base import TrainableMethod
@@ -93,9 +93,12 @@ class MedSAMMethod(TrainableMethod):
                           "output_range": [0.0, 1.0], "pixel_mean_std": None},
             "box_policy": {"name": "reference_jitter", "max_jitter_px": MAX_JITTER_PX, "outward_only": True,
                            "per": "label", "region_pad_px": REGION_PAD_PX, "choices": list(BOX_POLICIES)},
-            "inference": {"reference_jitter": "propagate from the slice with the largest box (of the reference, "
-                                              "else of the planned-region prediction)",
-                          "fixed": "every slice with the fixed box"},
+            "inference": {"reference_jitter": "boxes at prediction (samplan_predict --prompts, or --prompt-strategy "
+                                              "box|propagate --reference-dir), propagated up and down from each boxed slice",
+                          "fixed": "every slice with the fixed box, unless boxes are given"},
+            # which label values share one box when boxes come from reference label maps (one per output)
+            "prompt": {"label_groups": [list(r) for r in regions(dataset_json)] if uses_regions(dataset_json)
+                       else [[v] for v in foreground_labels(dataset_json)]},
             "trainable_modules": list(TRAINABLE_MODULES),
             "frozen_modules": ["prompt_encoder"],
             "unfreeze": None,
@@ -251,13 +254,27 @@ class MedSAMMethod(TrainableMethod):
 
         return step(network, batch, recipe, device, _network_section(network))
 
+    def missing_prompts_error(self, plans: dict[str, Any]) -> str | None:
+        """A reference_jitter model needs boxes at prediction; fixed-box models do not."""
+        from samplan.methods.medsam_steps import NEEDS_BOXES
+
+        return NEEDS_BOXES if self._section(plans)["box_policy"]["name"] == "reference_jitter" else None
+
+    def validation_prompt_strategy(self, plans: dict[str, Any]) -> str | None:
+        """A reference_jitter model is validated as MedSAM is evaluated: the reference's largest box, propagated."""
+        return "propagate" if self._section(plans)["box_policy"]["name"] == "reference_jitter" else None
+
     def predict_logits(self, network: "nn.Module", data: "torch.Tensor", plans: dict[str, Any], configuration: str,
-                       *, mirror_axes: tuple[int, ...], device: "torch.device",
-                       reference: np.ndarray | None = None) -> "torch.Tensor":
-        """Logits (K, Z, Y, X) float32 CPU; 3D box propagation (see medsam_steps.predict_case). No mirroring."""
+                       *, mirror_axes: tuple[int, ...], device: "torch.device", prompts: Any = None,
+                       embedding_cache: Any = None, reference: np.ndarray | None = None) -> "torch.Tensor":
+        """Logits (K, Z, Y, X) float32 CPU from boxes (prompts or reference) or the fixed box; no mirroring.
+
+        See medsam_steps.predict_case. `embedding_cache` is accepted and not used: a fine-tuned encoder's
+        embeddings change with every checkpoint, so only samzeroshot's frozen backbones are cached.
+        """
         from samplan.methods.medsam_steps import predict_case
 
-        return predict_case(network, data, self._section(plans), device, reference=reference)
+        return predict_case(network, data, self._section(plans), device, prompts=prompts, reference=reference)
 
 
 def _network_section(network: "nn.Module") -> dict[str, Any]:

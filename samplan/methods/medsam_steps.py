@@ -4,6 +4,7 @@ Imported lazily by `samplan.methods.medsam` (torch is needed here only when trai
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from samplan.devices import autocast
-from samplan.prompts.boxes import (box_from_mask, full_image_box, jitter_box, key_slice, object_masks, pad_box,
+from samplan.errors import SamplanError
+from samplan.prompts.boxes import (box_area, box_from_mask, full_image_box, jitter_box, key_slice, object_masks, pad_box,
                                    propagate, scale_box, union_box)
 
 if TYPE_CHECKING:
@@ -243,19 +245,85 @@ def regions_from_cache(cache_dir: Path, section: dict[str, Any], n_fg: int) -> t
 
 # ------------------------------------------------------------------------------------------------ 3D prediction
 
+NEEDS_BOXES = ("this medsam model was trained with reference boxes (box policy reference_jitter), so it needs a box "
+               "per structure at prediction: samplan_predict --prompts FILE (boxes), or --prompt-strategy box|propagate "
+               "with --reference-dir DIR; or train it with box_policy fixed_full_image / fixed_planned_region to predict "
+               "without boxes.")
+
+
+@dataclass(frozen=True)
+class OutputBoxes:
+    """The boxes of one foreground output: `each` = predict exactly these slices with their boxes; else propagate
+    from every key slice (largest box first) up and down, never overwriting a slice that has its own box."""
+
+    boxes: dict[int, np.ndarray]
+    each: bool
+
+
+def boxes_from_reference(reference: np.ndarray, n_fg: int, section: dict[str, Any]) -> dict[int, OutputBoxes]:
+    """Per foreground output of a reference label map `(Z, Y, X)`: its largest-box slice, to propagate from."""
+    out = {}
+    for k in range(n_fg):
+        ref = label_mask(np.asarray(reference), k, section)
+        boxes = [box_from_mask(ref[i]) for i in range(ref.shape[0])]
+        key = key_slice(boxes)
+        if key is not None:
+            out[k] = OutputBoxes({key: boxes[key]}, each=False)
+    return out
+
+
+def boxes_from_prompts(prompts: Any, n_fg: int, section: dict[str, Any]) -> dict[int, OutputBoxes]:
+    """Per foreground output, the boxes of a case's prompts (`samplan.inference.prompted.CasePrompts`).
+
+    Strategy "box" (a reference box on every slice) predicts exactly those slices; "propagate" and a prompts
+    file propagate from their boxes. medsam is box-prompted: a prompt without a box is an error, as is a
+    label value that is not one of the model's outputs.
+    """
+    if section.get("regions"):
+        firsts = [int(r[0]) for r in section["regions_values"]]
+        to_output = {v: k for k, v in enumerate(firsts)}
+        what = f"the first label value of a region ({', '.join(map(str, firsts))})"
+    else:
+        to_output = {v: v - 1 for v in range(1, n_fg + 1)}
+        what = f"a foreground label value 1..{n_fg}"
+    out: dict[int, dict[int, np.ndarray]] = {}
+    for p in prompts.prompts:
+        if p.box is None:
+            raise SamplanError(f"case {prompts.case}: medsam takes box prompts, but the prompt on slice {p.slice} (label "
+                               f"{p.label}) has only points; add a box, or use --prompt-strategy box or propagate.")
+        if p.label not in to_output:
+            raise SamplanError(f"case {prompts.case}: prompt label {p.label} on slice {p.slice} is not a medsam output; "
+                               f"use {what}.")
+        out.setdefault(to_output[p.label], {})[int(p.slice)] = np.asarray(p.box, np.float64)
+    return {k: OutputBoxes(b, each=prompts.strategy == "box") for k, b in out.items()}
+
+
+def propagate_from_keys(n_slices: int, keys: dict[int, np.ndarray], shape: tuple[int, int],
+                        predict_slice: Callable[[int, np.ndarray], np.ndarray]) -> None:
+    """Box propagation from several key slices: each key is predicted with its own box (largest first) and
+    propagated until a prediction is empty or the walk reaches a slice already predicted or keyed."""
+    done: set[int] = set()
+    empty = np.zeros(shape, bool)
+    for key in sorted(keys, key=lambda z: -box_area(keys[z])):
+        def guarded(i: int, box: np.ndarray, key: int = key) -> np.ndarray:
+            if i != key and (i in done or i in keys):
+                return empty  # stops this direction: that slice has its own prediction
+            done.add(i)
+            return predict_slice(i, box)
+        propagate(n_slices, key, keys[key], guarded)
+
+
 def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], device: torch.device, *,
-                 reference: np.ndarray | None = None, chunk: int = 4) -> torch.Tensor:
+                 prompts: Any = None, reference: np.ndarray | None = None, chunk: int = 4) -> torch.Tensor:
     """Logits `(K, Z, Y, X)` float32 CPU for a preprocessed case `data` `(C, Z, Y, X)`.
 
-    Per foreground output k:
-    - fixed policies: every slice with the fixed box (whole slice, or k's planned region), streamed in
-      chunks of slices;
-    - reference_jitter: the key slice is the one with the largest box of `reference` (a label map
-      `(Z, Y, X)` on the same grid, e.g. a user's prompts), predicted with that box; without a reference,
-      every slice is first predicted with k's planned region box and the key slice is the one whose
-      prediction has the largest box, prompted with that box. From the key slice the box is propagated up
-      and down (next box = box of the previous prediction) until a prediction is empty; slices not reached
-      get ABSENT_LOGIT. The image embeddings of the case are kept for this (Z x 256 x 64 x 64 values).
+    Boxes per foreground output k come from `prompts` (CasePrompts on the preprocessed grid; see
+    boxes_from_prompts) or a `reference` label map `(Z, Y, X)` on the same grid (its largest-box slice).
+    With boxes, the given slices are predicted with them and, except for per-slice boxes, the box is
+    propagated up and down (next box = box of the previous prediction) until a prediction is empty; slices
+    not reached get ABSENT_LOGIT. Without boxes, a fixed policy predicts every slice with its fixed box
+    (whole slice, or k's planned region), streamed in chunks; a reference_jitter model refuses (NEEDS_BOXES):
+    trained on tight boxes, it has no answer for a box it was never shown.
     Labels: channel 0 (background) is 0, so argmax = the label with the largest positive mask logit, else
     background (SAM's logit > 0 rule); regions: the mask logit per region.
     """
@@ -266,6 +334,14 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
     size = int(section["input_size"])
     (nh, nw), scale = resized_shape(h, w, size)
     fg = torch.full((n_fg, z, h, w), ABSENT_LOGIT)
+    if prompts is not None:
+        per_output = boxes_from_prompts(prompts, n_fg, section)
+    elif reference is not None:
+        per_output = boxes_from_reference(reference, n_fg, section)
+    elif policy["name"] == "reference_jitter":
+        raise SamplanError(NEEDS_BOXES)
+    else:
+        per_output = None
 
     def embed(sl: slice) -> torch.Tensor:
         images, _ = encoder_input(data[:, sl].permute(1, 0, 2, 3), section)
@@ -282,36 +358,31 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
         return planned_region_box(network, k, (h, w), float(policy["region_pad_px"]))
 
     with torch.no_grad():
-        if policy["name"] != "reference_jitter":
+        if per_output is None:
             for s in range(0, z, chunk):
                 emb = embed(slice(s, s + chunk))
                 for k in range(n_fg):
                     fg[k, s:s + emb.shape[0]] = logits_for(emb, [fixed_box(k)] * emb.shape[0])
-        else:
-            emb = torch.cat([embed(slice(s, s + chunk)) for s in range(0, z, chunk)])
-            for k in range(n_fg):
-                if reference is None:
-                    first = torch.cat([logits_for(emb[s:s + chunk], [planned_region_box(
-                        network, k, (h, w), float(policy["region_pad_px"]))] * len(emb[s:s + chunk]))
-                        for s in range(0, z, chunk)])
-                    boxes = [box_from_mask(first[i].numpy() > 0) for i in range(z)]
+        elif per_output:
+            # embeddings computed once per slice on demand: per-slice boxes need only their slices
+            cache: dict[int, torch.Tensor] = {}
+
+            def embedding(i: int) -> torch.Tensor:
+                if i not in cache:
+                    start = i - i % chunk
+                    emb = embed(slice(start, start + chunk))
+                    cache.update({start + j: emb[j:j + 1] for j in range(emb.shape[0])})
+                return cache[i]
+
+            for k, ob in per_output.items():
+                def predict_slice(i: int, box: np.ndarray, k: int = k) -> np.ndarray:
+                    fg[k, i] = logits_for(embedding(i), [box])[0]
+                    return fg[k, i].numpy() > 0
+                if ob.each:
+                    for i, box in ob.boxes.items():
+                        predict_slice(i, box)
                 else:
-                    ref = label_mask(np.asarray(reference), k, section)
-                    boxes = [box_from_mask(ref[i]) for i in range(z)]
-                key = key_slice(boxes)
-                if key is None:
-                    continue
-                predict_slice = _slice_predictor(fg, k, emb, logits_for)
-                propagate(z, key, boxes[key], predict_slice)
+                    propagate_from_keys(z, ob.boxes, (h, w), predict_slice)
     if section.get("regions"):
         return fg
     return torch.cat([torch.zeros((1, z, h, w)), fg])
-
-
-def _slice_predictor(fg: torch.Tensor, k: int, emb: torch.Tensor,
-                     logits_for: Callable[[torch.Tensor, list[np.ndarray]], torch.Tensor]) -> Callable[[int, np.ndarray], np.ndarray]:
-    """predict_slice(z, box) for `propagate`: writes output k's logits of slice z and returns its mask."""
-    def predict_slice(i: int, box: np.ndarray) -> np.ndarray:
-        fg[k, i] = logits_for(emb[i:i + 1], [box])[0]
-        return fg[k, i].numpy() > 0
-    return predict_slice

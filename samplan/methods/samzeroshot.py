@@ -42,6 +42,8 @@ DEFAULT_BACKBONE = "litemedsam"  # the only real weights on the development mach
 CT_WINDOW_HU = (-1400.0, 100.0)
 STRATEGIES = ("oracle", "box", "propagate", "file")
 OUTPUTS = ("single", "multimask")
+NEEDS_PROMPTS = ("samzeroshot needs prompts: samplan_predict --prompts FILE, or --prompt-strategy oracle|box|propagate "
+                 "with --reference-dir DIR (reference label maps).")
 
 
 def intensity_entries(config_2d: dict[str, Any], fg_props: dict[str, dict[str, float]], names: list[str]) -> list[dict[str, Any]]:
@@ -176,13 +178,16 @@ class SAMZeroShotMethod(TrainableMethod):
         """samzeroshot is not trained: a clear error (the trainer writes its model folder without a recipe)."""
         raise SamplanError("samzeroshot has no training; samplan_train -m samzeroshot only writes the model folder.")
 
+    def missing_prompts_error(self, plans: dict[str, Any]) -> str | None:
+        """samzeroshot always needs prompts."""
+        return NEEDS_PROMPTS
+
     def predict_logits(self, network: "nn.Module", data: "torch.Tensor", plans: dict[str, Any], configuration: str,
                        *, mirror_axes: tuple[int, ...], device: "torch.device", prompts: Any = None,
                        embedding_cache: Any = None) -> "torch.Tensor":
         """Logits (K, Z, Y, X) float32 CPU for prompts in the preprocessed grid (`prompted.CasePrompts`); no mirroring."""
         if prompts is None:
-            raise SamplanError("samzeroshot needs prompts: samplan_predict --prompts FILE, or --prompt-strategy "
-                               "oracle|box|propagate with --reference-dir DIR (reference label maps).")
+            raise SamplanError(NEEDS_PROMPTS)
         from samplan.methods.samzeroshot_steps import predict_case
 
         return predict_case(network, data, self.section(plans), device, prompts, embedding_cache=embedding_cache)

@@ -321,6 +321,7 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
     from samplan.dataset.dataset_json import group_images_by_case
     from samplan.evaluation.evaluate import dataset_settings, evaluate_folders
     from samplan.inference.predictor import Predictor
+    from samplan.inference.prompted import PromptSource
 
     ending = s.dataset_json["file_ending"]
     images_dir = raw_root() / s.dataset_name / "imagesTr"
@@ -334,8 +335,11 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
         for old in [*out_dir.glob(f"*{ending}"), out_dir / "summary.json"]:
             old.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    strategy = s.method.validation_prompt_strategy(s.plans)
+    source = None if strategy is None else PromptSource(strategy=strategy, reference_dir=s.preprocessed_dir / "gt_segmentations",
+                                                        file_ending=ending)
     predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=True,
-                                         progress=False, precision=precision)
+                                         progress=False, precision=precision, prompt_source=source)
     # a preprocessing thread (num_processes=0) overlaps the network work at no process start-up cost
     predictor.predict_cases({c: images[c] for c in s.val_ids}, out_dir, overwrite=True, num_processes=0)
     targets, ignore, _ = dataset_settings(str(s.model_dir / "dataset.json"))
@@ -346,7 +350,8 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
     per_label = ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items())
     curves = logger.curves
     last = f"{curves['pseudo_dice'][-1]:.4f} (EMA {curves['ema_pseudo_dice'][-1]:.4f})" if curves["pseudo_dice"] else "n/a"
-    logger.print(f"final validation of {len(s.val_ids)} case(s), whole images in the original geometry: mean foreground "
+    prompted = "" if strategy is None else f" with '{strategy}' boxes from the reference masks (an oracle protocol)"
+    logger.print(f"final validation of {len(s.val_ids)} case(s){prompted}, whole images in the original geometry: mean foreground "
                  f"Dice {summary['foreground_mean']['Dice']:.4f} [{per_label}]; last pseudo Dice (running, patches) "
                  f"{last}; {time.perf_counter() - t0:.1f} s; {out_dir / 'summary.json'}")
     return summary
