@@ -117,3 +117,24 @@ def test_propagate_at_the_volume_ends(key):
 
     propagate(5, key, np.array([0.0, 0.0, 3.0, 3.0]), predict_slice)
     assert sorted(calls) == list(range(5)) and calls[0] == key
+
+
+def test_propagation_margin_keeps_an_undersegmenting_model_from_shrinking_to_nothing():
+    """A model that answers each box with the object inside it minus a 1-px rim (as a box-trained SAM does with
+    tight boxes) loses 2 px of box per slice without a margin; a 2-px margin keeps the full object on every slice."""
+    n, shape = 12, (40, 40)
+    obj = np.zeros((n, *shape), bool)
+    obj[:, 10:30, 10:30] = True
+
+    def predict_slice(z, box):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        m = np.zeros(shape, bool)
+        m[y0 + 1:y1, x0 + 1:x1] = True  # inclusive box minus one pixel on every side
+        return m & obj[z]
+
+    key_box = np.array([9.0, 9.0, 30.0, 30.0])
+    tight = propagate(n, 0, key_box, predict_slice)
+    grown = propagate(n, 0, key_box, predict_slice, margin=2.0)
+    assert [int(tight[z].sum()) for z in range(4)] == [400, 324, 256, 196]  # 2 px narrower per slice
+    assert not tight[10].any() and 11 not in tight  # shrank to nothing and stopped
+    assert all(np.array_equal(grown[z], obj[z]) for z in range(n))

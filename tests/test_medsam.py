@@ -69,6 +69,7 @@ def test_plan_section_follows_the_paper(plans3d):
     e = s["intensity"]["per_channel"][0]
     assert e["mode"] == "percentile_clip" and (e["lower_percentile"], e["upper_percentile"]) == (0.5, 99.5)
     assert s["box_policy"]["name"] == "reference_jitter" and s["box_policy"]["max_jitter_px"] == 20
+    assert s["box_policy"]["propagation_margin_px"] == 10
     assert set(s["box_policy"]["choices"]) == {"reference_jitter", "fixed_full_image", "fixed_planned_region"}
     assert s["trainable_modules"] == ["image_encoder", "mask_decoder"] and s["frozen_modules"] == ["prompt_encoder"]
     assert s["recipe"]["optimizer"] == {"name": "AdamW", "lr": 1e-4, "weight_decay": 0.01}

@@ -92,7 +92,9 @@ class MedSAMMethod(TrainableMethod):
                                                            names),
                           "output_range": [0.0, 1.0], "pixel_mean_std": None},
             "box_policy": {"name": "reference_jitter", "max_jitter_px": MAX_JITTER_PX, "outward_only": True,
-                           "per": "label", "region_pad_px": REGION_PAD_PX, "choices": list(BOX_POLICIES)},
+                           "per": "label", "region_pad_px": REGION_PAD_PX, "choices": list(BOX_POLICIES),
+                           # propagated boxes grown by the mean outward jitter the model was trained with
+                           "propagation_margin_px": MAX_JITTER_PX / 2},
             "inference": {"reference_jitter": "boxes at prediction (samplan_predict --prompts, or --prompt-strategy "
                                               "box|propagate --reference-dir), propagated up and down from each boxed slice",
                           "fixed": "every slice with the fixed box, unless boxes are given"},

@@ -21,6 +21,7 @@ from samplan.prompts.boxes import (box_area, box_from_mask, full_image_box, jitt
 if TYPE_CHECKING:
     from samplan.training.recipe import TrainingRecipe
 
+MAX_JITTER_PX_DEFAULT = 20  # MedSAM's training box jitter (encoder input pixels)
 ABSENT_LOGIT = -20.0  # slices that a label's box propagation never reached
 EMPTY_REGION = (1.0, 1.0, 0.0, 0.0)  # x0 > x1: no target seen yet
 _QUANTILE_MAX = 1_000_000  # torch.quantile refuses inputs above 2**24 values; a strided subsample is plenty
@@ -298,10 +299,22 @@ def boxes_from_prompts(prompts: Any, n_fg: int, section: dict[str, Any]) -> dict
     return {k: OutputBoxes(b, each=prompts.strategy == "box") for k, b in out.items()}
 
 
+def propagation_margin(section: dict[str, Any]) -> float:
+    """Pixels (encoder input) added around each propagated box: the plan's `propagation_margin_px`, else half the
+    training jitter (the mean outward shift the model saw), else LiteMedSAM's 3 px at 256 scaled to the input."""
+    policy = section["box_policy"]
+    if policy.get("propagation_margin_px") is not None:
+        return float(policy["propagation_margin_px"])
+    if policy["name"] == "reference_jitter":
+        return float(policy.get("max_jitter_px", MAX_JITTER_PX_DEFAULT)) / 2
+    return 3.0 * int(section["input_size"]) / 256
+
+
 def propagate_from_keys(n_slices: int, keys: dict[int, np.ndarray], shape: tuple[int, int],
-                        predict_slice: Callable[[int, np.ndarray], np.ndarray]) -> None:
+                        predict_slice: Callable[[int, np.ndarray], np.ndarray], margin: float = 0.0) -> None:
     """Box propagation from several key slices: each key is predicted with its own box (largest first) and
-    propagated until a prediction is empty or the walk reaches a slice already predicted or keyed."""
+    propagated (boxes grown by `margin` px) until a prediction is empty or the walk reaches a slice already
+    predicted or keyed."""
     done: set[int] = set()
     empty = np.zeros(shape, bool)
     for key in sorted(keys, key=lambda z: -box_area(keys[z])):
@@ -310,7 +323,7 @@ def propagate_from_keys(n_slices: int, keys: dict[int, np.ndarray], shape: tuple
                 return empty  # stops this direction: that slice has its own prediction
             done.add(i)
             return predict_slice(i, box)
-        propagate(n_slices, key, keys[key], guarded)
+        propagate(n_slices, key, keys[key], guarded, margin=margin)
 
 
 def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], device: torch.device, *,
@@ -382,7 +395,7 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
                     for i, box in ob.boxes.items():
                         predict_slice(i, box)
                 else:
-                    propagate_from_keys(z, ob.boxes, (h, w), predict_slice)
+                    propagate_from_keys(z, ob.boxes, (h, w), predict_slice, margin=propagation_margin(section) / scale)
     if section.get("regions"):
         return fg
     return torch.cat([torch.zeros((1, z, h, w)), fg])

@@ -123,6 +123,15 @@ def decode(network: nn.Module, embedding: torch.Tensor, points: np.ndarray, poin
     return F.interpolate(lo, (h, w), mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
+def propagation_margin_px(section: dict[str, Any], h: int, w: int) -> float:
+    """Slice pixels added around each propagated box: LiteMedSAM's 3D inference grows the previous slice's box by
+    3 px at its 256 input; the same fraction of the input for other backbones (`propagation_margin_px` overrides)."""
+    size = int(section["input_size"])
+    margin_input = section.get("propagation_margin_px")
+    margin_input = 3.0 * size / 256 if margin_input is None else float(margin_input)
+    return margin_input * max(h, w) / size
+
+
 def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], device: torch.device, prompts: Any,
                  *, embedding_cache: Any = None) -> torch.Tensor:
     """Logits `(K, Z, Y, X)` float32 CPU of a preprocessed case `(C, Z, Y, X)` for `prompts` (prompted.CasePrompts).
@@ -131,7 +140,7 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
     merged into its label's channel by maximum (several calls on one slice = union of their masks), so argmax
     gives each pixel the label with the largest positive logit, else background (SAM's logit > 0 rule;
     "threshold" t shifts it: logits - t). With `prompts.propagate`, each prompt is a key-slice box propagated up
-    and down, the next box from the previous prediction (prompts.boxes.propagate).
+    and down, the next box from the previous prediction grown by `propagation_margin_px` (prompts.boxes.propagate).
     """
     network.eval()
     _, z, h, w = data.shape
@@ -152,7 +161,7 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
                 lo = decode(network, emb[i], *none, box, section, (h, w), device) - threshold
                 out[label, i] = torch.maximum(out[label, i], lo)
                 return lo.numpy() > 0
-            propagate(z, p.slice, p.box, predict_slice)
+            propagate(z, p.slice, p.box, predict_slice, margin=propagation_margin_px(section, h, w))
         else:
             lo = decode(network, emb[p.slice], p.points, p.point_labels, p.box, section, (h, w), device) - threshold
             out[p.label, p.slice] = torch.maximum(out[p.label, p.slice], lo)

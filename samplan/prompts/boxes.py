@@ -105,11 +105,14 @@ def propagation_order(n_slices: int, key: int) -> Iterator[tuple[int, int]]:
         yield z, z + 1
 
 
-def propagate(n_slices: int, key: int, key_box: np.ndarray, predict_slice) -> dict[int, np.ndarray]:
+def propagate(n_slices: int, key: int, key_box: np.ndarray, predict_slice, margin: float = 0.0) -> dict[int, np.ndarray]:
     """Predict slice `key` with `key_box`, then walk up and down, each next box from the previous prediction.
 
     `predict_slice(z, box) -> mask (H, W) bool` (any per-slice predictor); a direction stops at the first
-    empty prediction. Returns {slice: predicted mask} of every predicted slice (empty ones included).
+    empty prediction. `margin` pixels are added on every side of each propagated box (clipped to the
+    slice): box-prompted models are trained on boxes somewhat larger than the object, and given the tight
+    box of their own (slightly small) prediction they shrink slice after slice until nothing is left.
+    Returns {slice: predicted mask} of every predicted slice (empty ones included).
     """
     out = {key: predict_slice(key, key_box)}
     stopped: set[int] = set()  # +1 (up) / -1 (down) once a prediction there was empty
@@ -121,5 +124,5 @@ def propagate(n_slices: int, key: int, key_box: np.ndarray, predict_slice) -> di
         if box is None:
             stopped.add(direction)
             continue
-        out[z] = predict_slice(z, box)
+        out[z] = predict_slice(z, pad_box(box, margin, out[prev].shape) if margin > 0 else box)
     return out
