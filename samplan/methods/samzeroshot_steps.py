@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samplan.methods.medsam_steps import ABSENT_LOGIT, encoder_input, resized_shape
+from samplan.methods.medsam_steps import ABSENT_LOGIT, channels_last, encoder_input, resized_shape
 from samplan.prompts.boxes import propagate, scale_box
 
 
@@ -84,13 +84,14 @@ def embed_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any], 
         if hit is not None and hit.shape[0] == z:
             return {i: hit[i] for i in wanted}
         wanted = list(range(z))  # a cached case holds every slice
-    batch = max(1, int(section.get("encoder_batch_size", 4)))
+    batch = max(1, int(section.get("encoder_batch_size", 2)))
     out: dict[int, torch.Tensor] = {}
+    encoder = channels_last(network.image_encoder)
     with torch.no_grad():
         for s in range(0, len(wanted), batch):
             idx = wanted[s:s + batch]
             x = network_input(network, data[:, idx].permute(1, 0, 2, 3), section).to(device)
-            emb = network.image_encoder(x).float().cpu()
+            emb = encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu()
             out.update({i: emb[j] for j, i in enumerate(idx)})
     if cache is not None:
         cache.put(key, torch.stack([out[i] for i in range(z)]))
