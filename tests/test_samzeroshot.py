@@ -129,6 +129,39 @@ def test_prompts_file_in_voxel_and_world_coordinates_gives_the_same_grid_prompts
     assert seg[0, a.slice].shape == data.shape[2:] and 0 <= a.box[0] <= x <= a.box[2] and a.box[1] <= y <= a.box[3]
 
 
+def test_samplan_predict_with_a_prompts_file_for_several_cases(prepared, tmp_path):
+    """One file with boxes for two of three cases: all three predicted (the third without prompts: empty); a file
+    naming a case that is not among the inputs is refused before anything is written."""
+    from samplan.cli import predict as predict_cli
+
+    ds = prepared["ds"]
+    cases = {}
+    for case in ("case_000", "case_002"):
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "labelsTr" / f"{case}.nii.gz")))
+        z = int(np.argmax((raw == 1).reshape(raw.shape[0], -1).sum(1)))
+        rows, cols = np.nonzero(raw[z] == 1)
+        cases[case] = [{"label": 1, "slice": z, "box": [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]}]
+    good = tmp_path / "boxes.json"
+    good.write_text(json.dumps({"version": 1, "cases": cases}))
+    args = ["-i", str(ds / "imagesTr"), "-d", ds.name, "-m", "samzeroshot", "-f", "all", "--device", "cpu",
+            "--no-embedding-cache"]
+    out = tmp_path / "pred"
+    assert predict_cli.main([*args, "-o", str(out), "--prompts", str(good)]) == 0
+    used = load_json(out / "prompts_used.json")
+    assert used["oracle"] is False and used["strategy"] == "file" and len(used["cases"]) == 3
+    third = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_001.nii.gz")))
+    assert not third.any()  # no prompts, no foreground
+    for case, entries in cases.items():
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        others = np.ones(pred.shape[0], bool)
+        others[entries[0]["slice"]] = False
+        assert not pred[others].any() and set(np.unique(pred)) <= {0, 1}  # only the prompted slice, only label 1
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps({"version": 1, "cases": {**cases, "case_0003": cases["case_000"]}}))
+    assert predict_cli.main([*args, "-o", str(tmp_path / "refused"), "--prompts", str(bad)]) == 2
+    assert not (tmp_path / "refused").exists()
+
+
 class _Counting(torch.nn.Module):
     """Wraps an image encoder and counts the slices it encodes."""
 

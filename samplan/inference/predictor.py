@@ -232,6 +232,8 @@ class Predictor:
             needs = self.method.missing_prompts_error(self.plans)
             if needs is not None:  # before any output is written
                 raise SamplanError(needs)
+        if source is not None:
+            source.check_cases(list(cases))
         references = {c: source.reference_file(c) for c in todo} if source is not None else {}  # all checked first
         output_dir.mkdir(parents=True, exist_ok=True)
         args = (self.plans, self.configuration)

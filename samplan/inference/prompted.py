@@ -176,14 +176,32 @@ class PromptSource:
             raise SamplanError(f"no reference label map {f} for case {case}; --reference-dir needs {{case}}{self.file_ending} per case.")
         return f
 
+    def check_cases(self, case_ids: Sequence[str]) -> None:
+        """Before any output: a prompts file must parse and name only cases of this run (every problem at once)."""
+        if self.prompts_file is None:
+            return
+        from samplan.prompts.prompts_file import PromptsFileError, read_prompts_file
+
+        known = set(case_ids)
+        unknown = [c for c in read_prompts_file(self.prompts_file) if c not in known]
+        if unknown:
+            shown = ", ".join(sorted(known)[:5]) + (", ..." if len(known) > 5 else "")
+            raise PromptsFileError(self.prompts_file, [
+                f"{self.prompts_file}: cases[{c!r}]: no such case among the input images (known: {shown}); fix the "
+                "identifier or add the image." for c in unknown])
+
     def _file_prompts_raw(self, case: str, properties: Mapping[str, Any], plans: Mapping[str, Any]) -> list[Any]:
         """The case's validated prompts-file entries on its raw grid (shape from the recorded pre-crop shape)."""
-        from samplan.prompts.prompts_file import ImageGrid, load_prompts
+        from samplan.prompts.prompts_file import ImageGrid, PromptsFileError, case_prompts, read_prompts_file
 
         forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
         transposed = [int(s) for s in properties["shape_before_cropping"]]
         raw_shape = [transposed[forward.index(j)] for j in range(3)]
-        return load_prompts(self.prompts_file, {case: ImageGrid.from_properties(raw_shape, properties)}).get(case, [])
+        entries = read_prompts_file(self.prompts_file).get(case, [])
+        prompts, problems = case_prompts(entries, ImageGrid.from_properties(raw_shape, properties), f"cases[{case!r}]")
+        if problems:
+            raise PromptsFileError(self.prompts_file, [f"{self.prompts_file}: {p}" for p in problems])
+        return prompts
 
     def for_case(self, case: str, seg: np.ndarray | None, properties: Mapping[str, Any],
                  data_shape: Sequence[int], plans: Mapping[str, Any], method_name: str) -> dict[str, Any]:
