@@ -161,6 +161,7 @@ class PromptSource:
         self.file_ending = file_ending
         self.embedding_cache = embedding_cache
         self.cases: list[str] = []
+        self._entries: dict[str, list[dict]] | None = None
 
     @property
     def oracle(self) -> bool:
@@ -180,24 +181,32 @@ class PromptSource:
         """Before any output: a prompts file must parse and name only cases of this run (every problem at once)."""
         if self.prompts_file is None:
             return
-        from samplan.prompts.prompts_file import PromptsFileError, read_prompts_file
+        from samplan.prompts.prompts_file import PromptsFileError
 
         known = set(case_ids)
-        unknown = [c for c in read_prompts_file(self.prompts_file) if c not in known]
+        unknown = [c for c in self._file_entries() if c not in known]
         if unknown:
             shown = ", ".join(sorted(known)[:5]) + (", ..." if len(known) > 5 else "")
             raise PromptsFileError(self.prompts_file, [
                 f"{self.prompts_file}: cases[{c!r}]: no such case among the input images (known: {shown}); fix the "
                 "identifier or add the image." for c in unknown])
 
+    def _file_entries(self) -> dict[str, list[dict]]:
+        """The prompts file's schema-checked entries per case, read once per run."""
+        if self._entries is None:
+            from samplan.prompts.prompts_file import read_prompts_file
+
+            self._entries = read_prompts_file(self.prompts_file)
+        return self._entries
+
     def _file_prompts_raw(self, case: str, properties: Mapping[str, Any], plans: Mapping[str, Any]) -> list[Any]:
         """The case's validated prompts-file entries on its raw grid (shape from the recorded pre-crop shape)."""
-        from samplan.prompts.prompts_file import ImageGrid, PromptsFileError, case_prompts, read_prompts_file
+        from samplan.prompts.prompts_file import ImageGrid, PromptsFileError, case_prompts
 
         forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
         transposed = [int(s) for s in properties["shape_before_cropping"]]
         raw_shape = [transposed[forward.index(j)] for j in range(3)]
-        entries = read_prompts_file(self.prompts_file).get(case, [])
+        entries = self._file_entries().get(case, [])
         prompts, problems = case_prompts(entries, ImageGrid.from_properties(raw_shape, properties), f"cases[{case!r}]")
         if problems:
             raise PromptsFileError(self.prompts_file, [f"{self.prompts_file}: {p}" for p in problems])
@@ -213,9 +222,7 @@ class PromptSource:
                 raise SamplanError(f"case {case}: the reference label map was not preprocessed.")
             prompts = reference_prompts(case, np.where(np.asarray(seg) < 0, 0, seg), self.strategy, settings)
         else:
-            from samplan.prompts.prompts_file import read_prompts_file
-
-            if case not in read_prompts_file(self.prompts_file):
+            if case not in self._file_entries():
                 prompts = CasePrompts(case, [], "file", oracle=False)
             else:
                 prompts = file_prompts(case, self._file_prompts_raw(case, properties, plans), properties, plans, data_shape)

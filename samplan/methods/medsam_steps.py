@@ -15,13 +15,12 @@ from torch import nn
 
 from samplan.devices import autocast
 from samplan.errors import SamplanError
-from samplan.prompts.boxes import (box_area, box_from_mask, full_image_box, jitter_box, key_slice, object_masks, pad_box,
+from samplan.prompts.boxes import (box_area, box_from_mask, full_image_box, jitter_box, object_masks, pad_box,
                                    propagate, scale_box, union_box)
 
 if TYPE_CHECKING:
     from samplan.training.recipe import TrainingRecipe
 
-MAX_JITTER_PX_DEFAULT = 20  # MedSAM's training box jitter (encoder input pixels)
 ABSENT_LOGIT = -20.0  # slices that a label's box propagation never reached
 EMPTY_REGION = (1.0, 1.0, 0.0, 0.0)  # x0 > x1: no target seen yet
 _QUANTILE_MAX = 1_000_000  # torch.quantile refuses inputs above 2**24 values; a strided subsample is plenty
@@ -267,18 +266,6 @@ class OutputBoxes:
     each: bool
 
 
-def boxes_from_reference(reference: np.ndarray, n_fg: int, section: dict[str, Any]) -> dict[int, OutputBoxes]:
-    """Per foreground output of a reference label map `(Z, Y, X)`: its largest-box slice, to propagate from."""
-    out = {}
-    for k in range(n_fg):
-        ref = label_mask(np.asarray(reference), k, section)
-        boxes = [box_from_mask(ref[i]) for i in range(ref.shape[0])]
-        key = key_slice(boxes)
-        if key is not None:
-            out[k] = OutputBoxes({key: boxes[key]}, each=False)
-    return out
-
-
 def boxes_from_prompts(prompts: Any, n_fg: int, section: dict[str, Any]) -> dict[int, OutputBoxes]:
     """Per foreground output, the boxes of a case's prompts (`samplan.inference.prompted.CasePrompts`).
 
@@ -312,8 +299,15 @@ def propagation_margin(section: dict[str, Any]) -> float:
     if policy.get("propagation_margin_px") is not None:
         return float(policy["propagation_margin_px"])
     if policy["name"] == "reference_jitter":
-        return float(policy.get("max_jitter_px", MAX_JITTER_PX_DEFAULT)) / 2
-    return 3.0 * int(section["input_size"]) / 256
+        from samplan.methods.medsam import MAX_JITTER_PX
+
+        return float(policy.get("max_jitter_px", MAX_JITTER_PX)) / 2
+    return litemedsam_margin_px(int(section["input_size"]))
+
+
+def litemedsam_margin_px(input_size: int) -> float:
+    """LiteMedSAM's 3D inference grows the previous slice's box by 3 px at its 256 input: that fraction of `input_size`."""
+    return 3.0 * input_size / 256
 
 
 def propagate_from_keys(n_slices: int, keys: dict[int, np.ndarray], shape: tuple[int, int],
@@ -337,7 +331,8 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
     """Logits `(K, Z, Y, X)` float32 CPU for a preprocessed case `data` `(C, Z, Y, X)`.
 
     Boxes per foreground output k come from `prompts` (CasePrompts on the preprocessed grid; see
-    boxes_from_prompts) or a `reference` label map `(Z, Y, X)` on the same grid (its largest-box slice).
+    boxes_from_prompts) or a `reference` label map `(Z, Y, X)` on the same grid (its largest-box slice, as
+    `reference_prompts(..., "propagate")` gives it).
     With boxes, the given slices are predicted with them and, except for per-slice boxes, the box is
     propagated up and down (next box = box of the previous prediction) until a prediction is empty; slices
     not reached get ABSENT_LOGIT. Without boxes, a fixed policy predicts every slice with its fixed box
@@ -355,8 +350,12 @@ def predict_case(network: nn.Module, data: torch.Tensor, section: dict[str, Any]
     fg = torch.full((n_fg, z, h, w), ABSENT_LOGIT)
     if prompts is not None:
         per_output = boxes_from_prompts(prompts, n_fg, section)
-    elif reference is not None:
-        per_output = boxes_from_reference(reference, n_fg, section)
+    elif reference is not None:  # the largest box of each output, propagated: the "propagate" reference prompts
+        from samplan.inference.prompted import reference_prompts
+
+        groups = section["regions_values"] if section.get("regions") else [[k + 1] for k in range(n_fg)]
+        per_output = boxes_from_prompts(reference_prompts("reference", reference, "propagate", {"label_groups": groups}),
+                                        n_fg, section)
     elif policy["name"] == "reference_jitter":
         raise SamplanError(NEEDS_BOXES)
     else:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samplan.methods.medsam_steps import ABSENT_LOGIT, channels_last, encoder_input, resized_shape
+from samplan.methods.medsam_steps import (ABSENT_LOGIT, channels_last, encoder_input, litemedsam_margin_px,
+                                          resized_shape)
 from samplan.prompts.boxes import propagate, scale_box
 
 
@@ -125,11 +126,11 @@ def decode(network: nn.Module, embedding: torch.Tensor, points: np.ndarray, poin
 
 
 def propagation_margin_px(section: dict[str, Any], h: int, w: int) -> float:
-    """Slice pixels added around each propagated box: LiteMedSAM's 3D inference grows the previous slice's box by
-    3 px at its 256 input; the same fraction of the input for other backbones (`propagation_margin_px` overrides)."""
+    """Slice pixels added around each propagated box: LiteMedSAM's rule (medsam_steps.litemedsam_margin_px) at any
+    backbone's input size, unless the section's `propagation_margin_px` (input pixels) says otherwise."""
     size = int(section["input_size"])
     margin_input = section.get("propagation_margin_px")
-    margin_input = 3.0 * size / 256 if margin_input is None else float(margin_input)
+    margin_input = litemedsam_margin_px(size) if margin_input is None else float(margin_input)
     return margin_input * max(h, w) / size
 
 
