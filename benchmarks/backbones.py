@@ -46,8 +46,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from samplan.errors import SamplanError
-from samplan.experiment_planning.plans import ComputeBudget
-from samplan.models.backbones import BACKBONES, TINY_BACKBONES, BackboneSpec, backbone_spec, build_image_encoder, build_sam2
+from samplan.experiment_planning.budget import ComputeBudget
+from samplan.models.backbones import build_image_encoder, build_sam2
+from samplan.models.specs import BACKBONES, TINY_BACKBONES, BackboneSpec, backbone_spec
 
 PLANNED_CPU_SIZE = ComputeBudget.for_device("cpu").max_sam_input
 SAMPLE_S = 0.002

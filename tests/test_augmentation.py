@@ -14,7 +14,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 
 from samplan.dataset.labels import LabelManager
-from samplan.training.augmentation import (LabelTargetTransform, augmentation_params, build_train_transforms,
+from samplan.engine.augmentation import (LabelTargetTransform, augmentation_params, build_train_transforms,
                                            build_val_transforms, initial_patch_size)
 
 PLAIN = LabelManager((0, 1, 2), (), (), None)

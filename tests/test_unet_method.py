@@ -8,15 +8,18 @@ import torch
 
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
-from samplan.experiment_planning.pipeline import plan_and_preprocess
+from samplan.pipeline.planning import plan_and_preprocess
 from samplan.methods import get_method
 from samplan.methods.base import TrainableMethod
-from samplan.methods.unet import UNetMethod, deep_supervision_scales, set_deep_supervision
-from samplan.training.augmentation import build_train_transforms
+from samplan.methods.unet.method import UNetMethod
+from samplan.methods.unet.network import set_deep_supervision
+from samplan.methods.unet.plan import deep_supervision_scales
+from samplan.engine.augmentation import build_train_transforms
 from samplan.training.checkpoint import load_pretrained_weights
-from samplan.training.losses import DeepSupervisionLoss, DiceBCELoss, DiceCELoss
-from samplan.training.optim import PolyLRScheduler
+from samplan.engine.losses import DeepSupervisionLoss, DiceBCELoss, DiceCELoss
+from samplan.engine.optim import PolyLRScheduler
 from samplan.utils import load_json
+from method_plans import bind
 from synthetic import make_dataset_3d
 
 PLAIN = LabelManager((0, 1, 2), (), (), None)
@@ -60,7 +63,7 @@ def test_network_outputs_follow_the_plan(plans, configuration):
     cfg = plans["configurations"][configuration]
     strides = cfg["architecture"]["arch_kwargs"]["strides"]
     torch.manual_seed(0)
-    net = method.build_network(plans, configuration, 1, 3)
+    net = method.build_network(bind(method, plans, configuration), 1, 3)
     patch = cfg["patch_size"]
     x = torch.randn(2, 1, *patch)
     with torch.no_grad():
@@ -83,7 +86,7 @@ def test_deep_supervision_scales_are_cumulative_strides():
 def test_recipe_from_the_plan_section(plans):
     method = UNetMethod()
     section = plans["methods"]["unet"]["recipe"]
-    r3 = method.training_recipe(plans, "3d_fullres", PLAIN)
+    r3 = method.training_recipe(bind(method, plans, "3d_fullres"), PLAIN)
     assert isinstance(r3.loss, DeepSupervisionLoss) and isinstance(r3.loss.loss, DiceCELoss)
     assert r3.loss.weights == tuple(section["deep_supervision"]["weights"]["3d_fullres"])
     assert r3.loss.weights[-1] == 0 and sum(r3.loss.weights) == pytest.approx(1)
@@ -94,11 +97,11 @@ def test_recipe_from_the_plan_section(plans):
     assert r3.oversample_foreground == 0.33 and r3.grad_clip == 12.0 and r3.mirror_axes == (0, 1, 2)
     assert len(r3.deep_supervision_scales) == len(r3.loss.weights)
 
-    r2 = method.training_recipe(plans, "2d", REGIONS)
+    r2 = method.training_recipe(bind(method, plans, "2d"), REGIONS)
     assert isinstance(r2.loss.loss, DiceBCELoss) and r2.loss.loss.dice.batch_dice is True
     assert r2.mirror_axes == (0, 1) and len(r2.patch_size) == 2
 
-    net = method.build_network(plans, "3d_fullres", 1, 3)
+    net = method.build_network(bind(method, plans, "3d_fullres"), 1, 3)
     opt = r3.make_optimizer(net.parameters())
     g = opt.param_groups[0]
     assert isinstance(opt, torch.optim.SGD) and g["nesterov"] and g["momentum"] == 0.99
@@ -124,7 +127,7 @@ def test_edited_topology_gets_matching_deep_supervision_weights(plans):
         kw[key] = kw[key][:-1]
     kw["n_conv_per_stage_decoder"] = kw["n_conv_per_stage_decoder"][:-1]
     kw["n_stages"] -= 1
-    r = UNetMethod().training_recipe(p, "3d_fullres", PLAIN)
+    r = UNetMethod().training_recipe(bind(UNetMethod(), p, "3d_fullres"), PLAIN)
     assert len(r.loss.weights) == len(r.deep_supervision_scales) == kw["n_stages"] - 1
 
 
@@ -132,18 +135,18 @@ def test_plans_may_not_name_arbitrary_classes(plans):
     p = copy.deepcopy(plans)
     p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "os.system"
     with pytest.raises(SamplanError, match="only classes from"):
-        UNetMethod().build_network(p, "3d_fullres", 1, 3)
+        UNetMethod().build_network(bind(UNetMethod(), p, "3d_fullres"), 1, 3)
     with pytest.raises(SamplanError, match="not planned"):
-        UNetMethod().build_network(plans, "3d_lowres", 1, 3)
+        UNetMethod().build_network(bind(UNetMethod(), plans, "3d_lowres"), 1, 3)
 
 
 def test_pretrained_weights_skip_segmentation_heads(plans, tmp_path):
     method = UNetMethod()
     torch.manual_seed(1)
-    source = method.build_network(plans, "3d_fullres", 1, 5)
+    source = method.build_network(bind(method, plans, "3d_fullres"), 1, 5)
     torch.save({"network_weights": source.state_dict()}, tmp_path / "w.pth")
     torch.manual_seed(2)
-    target = method.build_network(plans, "3d_fullres", 1, 3)
+    target = method.build_network(bind(method, plans, "3d_fullres"), 1, 3)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     loaded, kept = load_pretrained_weights(target, tmp_path / "w.pth")
     after = target.state_dict()

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def job() -> None:
-        from samplan.experiment_planning.pipeline import plan_and_preprocess
+        from samplan.pipeline.planning import plan_and_preprocess
 
         for d in args.dataset:
             plan_and_preprocess(

@@ -60,7 +60,7 @@ def prompt_source_from_args(args: argparse.Namespace, model_dir, file_ending: st
     from pathlib import Path
 
     from samplan.errors import SamplanError
-    from samplan.inference.embedding_cache import EmbeddingCache
+    from samplan.methods.sam_common.embedding_cache import EmbeddingCache
     from samplan.inference.prompted import PromptSource
 
     if args.prompts is None and args.reference_dir is None:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["checkpoint"] = str(Path(overrides["checkpoint"]).expanduser().resolve())
 
     def job() -> None:
-        from samplan.training.trainer import train_fold
+        from samplan.pipeline.train import train_fold
 
         train_fold(
             args.dataset, args.method, args.configuration, args.fold,

@@ -36,9 +36,8 @@ from samplan.errors import DatasetError, SamplanError
 from samplan.evaluation.metrics import METRIC_NAMES, LabelOrRegion, case_metrics, label_key
 from samplan.evaluation.per_slice import aggregate_per_slice, case_per_slice
 from samplan.parallel import default_num_processes, map_cases
+from samplan.prompts.case_prompts import PROMPTS_RECORD
 from samplan.utils import load_json, save_json
-
-PROMPTS_RECORD = "prompts_used.json"  # written by prompted predictions (samplan.inference.prompted)
 
 
 def evaluate_case(

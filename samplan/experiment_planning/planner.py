@@ -5,7 +5,8 @@ anisotropy rule, coarsest axis first, normalisation per channel, and for "3d_ful
 largest patch (aspect ratio of 1/spacing, clipped to the median image) whose plain U-Net fits the
 memory target, judged by dynamic_network_architectures' feature-map count against nnU-Net's
 reference values, then the batch size that fills the memory, capped at 5 % of the dataset's voxels
-and at least 2. No 3d_lowres/cascade is planned. Each requested method then adds its section.
+and at least 2. No 3d_lowres/cascade is planned. The methods' sections are added above this package
+(samplan.pipeline.planning), so the planner never imports a method.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from samplan.dataset.dataset_json import channel_names
 from samplan.dataset.image_io import NATURAL_ENDINGS
 from samplan.errors import SamplanError
 from samplan.experiment_planning import spacing as sp
-from samplan.experiment_planning.plans import PLANS_NAME, ComputeBudget
+from samplan.experiment_planning.budget import ComputeBudget
+from samplan.experiment_planning.plans import PLANS_NAME
 from samplan.experiment_planning.topology import (
     Topology,
     initial_patch_size,
@@ -189,23 +191,3 @@ def plan_base(
         "configurations": configurations,
         "compute_budget": budget.to_dict(),
     }
-
-
-def plan_experiment(
-    dataset_name: str,
-    dataset_json: dict,
-    fingerprint: dict,
-    methods: Sequence[str] | None = None,
-    overwrite_target_spacing: Sequence[float] | None = None,
-    budget: ComputeBudget | None = None,
-) -> dict[str, Any]:
-    """The plans.json dict: base plan + plans["methods"][name] for each method (all registered if None)."""
-    from samplan.methods import available_methods, get_method
-
-    budget = budget or ComputeBudget()
-    chosen = [get_method(m) for m in (available_methods() if methods is None else methods)]  # fail before work
-    plans = plan_base(dataset_name, dataset_json, fingerprint, overwrite_target_spacing, budget)
-    plans["methods"] = {
-        m.name: m.plan_section(fingerprint, copy.deepcopy(plans), budget, dataset_json) for m in chosen
-    }
-    return plans

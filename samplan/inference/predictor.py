@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ from samplan.devices import autocast, autocast_dtype, resolve_device
 from samplan.inference.export import export_prediction, logits_to_label_map
 from samplan.inference.model_selection import available_folds, check_case_channels, load_model_files
 from samplan.methods import get_method
-from samplan.methods.base import TrainableMethod
+from samplan.methods.base import Method, PredictionContext
+from samplan.models.checkpoint import load_checkpoint, plain_state_dict
 from samplan.parallel import _call
 from samplan.preprocessing.preprocessor import configuration_plan, preprocess_case, preprocess_case_files
-from samplan.training.checkpoint import load_checkpoint
 
 CHECKPOINT_NAMES = ("final", "best", "latest")
 # finished label maps waiting to be written; more would only hold memory
@@ -44,12 +45,13 @@ class Predictor:
     it is, e.g. the trainer's final validation). `mirror_axes` are the spatial axes of the network input
     used for mirroring TTA (default: all of them); `tta=False` disables it. `prompt_source` (prompted methods,
     see samplan.inference.prompted): per case, a reference label map preprocessed with the image and the
-    method's extra predict_logits arguments (prompts, embedding cache); None for every other method.
+    case's prompts (and the embedding cache) for the method's PredictionContext; None for every other method.
+    The plans are checked by the method (`check_plan`) once, here; `plans_file` names them in its errors.
     """
 
     def __init__(
         self,
-        method: TrainableMethod,
+        method: Method,
         network: nn.Module,
         plans: dict[str, Any],
         configuration: str,
@@ -63,9 +65,13 @@ class Predictor:
         progress: bool = True,
         precision: str = "auto",
         prompt_source: Any = None,
+        plans_file: str | Path = "plans.json",
     ):
         self.method = method
+        self.mp = method.check_plan(plans, configuration, plans_file=plans_file)
         self.prompt_source = prompt_source
+        if prompt_source is not None:  # the method's label groups and default strategy for reference prompts
+            prompt_source.use_settings(method.reference_prompt_settings(self.mp))
         self.network = network
         self.plans = plans
         self.configuration = configuration
@@ -100,8 +106,7 @@ class Predictor:
             raise SamplanError(f"unknown checkpoint {checkpoint!r}; use one of {', '.join(CHECKPOINT_NAMES)}.")
         method_name, configuration, plans, dataset_json = load_model_files(model_dir)
         method = get_method(method_name)
-        if not isinstance(method, TrainableMethod):
-            raise SamplanError(f"method {method_name!r} ({model_dir}) has no trained network to predict with.")
+        mp = method.check_plan(plans, configuration, plans_file=model_dir / "plans.json")
         found = available_folds(model_dir, checkpoint)
         folds = found if folds is None else [str(f) for f in folds]
         missing = [f for f in folds if f not in found]
@@ -121,20 +126,27 @@ class Predictor:
         label_manager = LabelManager.from_dataset_json(dataset_json)
         n_in = int(first.get("num_input_channels", len(dataset_json["channel_names"])))
         n_out = int(first.get("num_outputs", label_manager.num_outputs))
-        network = method.build_network(plans, configuration, n_in, n_out)
-        weights = [_plain_state_dict(st["network_weights"]) for st in states]
+        network = method.build_network(mp, n_in, n_out)
+        weights = [plain_state_dict(st["network_weights"]) for st in states]
         network.load_state_dict(weights[0])  # fail here, with the file named, if the architecture does not match
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
                    device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision,
-                   prompt_source=prompt_source)
+                   prompt_source=prompt_source, plans_file=model_dir / "plans.json")
 
     # ------------------------------------------------------------------------------------------- network
 
-    def predict_logits(self, data: np.ndarray | torch.Tensor, **method_kwargs: Any) -> torch.Tensor:
+    def context(self, prompts: Any = None, reference: np.ndarray | None = None) -> PredictionContext:
+        """The PredictionContext of one case: device, mirror axes, its prompts, a reference, the embedding cache."""
+        cache = getattr(self.prompt_source, "embedding_cache", None)
+        return PredictionContext(self.device, self.mirror_axes, prompts, reference, cache)
+
+    def predict_logits(self, data: np.ndarray | torch.Tensor, prompts: Any = None,
+                       reference: np.ndarray | None = None) -> torch.Tensor:
         """Logits `(K, z, y, x)` float32 (CPU) for one preprocessed case `(C, z, y, x)`.
 
-        `method_kwargs` (e.g. prompts) are passed on to the method's predict_logits.
+        `prompts` (samplan.prompts.case_prompts.CasePrompts) and `reference` reach the method's predict_logits
+        through its PredictionContext.
 
         With several folds the ensemble averages probabilities (not logits, so that one over-confident
         fold cannot outvote the others) and returns the logits of that mean, which export turns back
@@ -142,14 +154,13 @@ class Predictor:
         """
         data = torch.as_tensor(data, dtype=torch.float32)
         folds = self.fold_weights or [None]
+        context = self.context(prompts, reference)
         total = None
         for weights in folds:
             if weights is not None:
                 self.network.load_state_dict(weights)
             with autocast(self.device, self.autocast_dtype):
-                logits = self.method.predict_logits(
-                    self.network, data, self.plans, self.configuration, mirror_axes=self.mirror_axes, device=self.device,
-                    **method_kwargs)
+                logits = self.method.predict_logits(self.network, data, self.mp, context)
             if len(folds) == 1:
                 return logits
             probs = self.label_manager.logits_to_probabilities(logits)
@@ -226,46 +237,18 @@ class Predictor:
         output_dir = Path(output_dir)
         todo = {c: [Path(f) for f in files] for c, files in cases.items()
                 if overwrite or not self.is_done(output_dir, c, save_probabilities)}
-        check_case_channels(todo, self.num_input_channels)
-        source = self.prompt_source
-        if source is None and todo:
-            needs = self.method.missing_prompts_error(self.plans)
-            if needs is not None:  # before any output is written
-                raise SamplanError(needs)
-        if source is not None:
-            source.check_cases(list(cases))
-        references = {c: source.reference_file(c) for c in todo} if source is not None else {}  # all checked first
+        references = self._check_inputs(cases, todo)  # everything that can fail is checked before any output
         output_dir.mkdir(parents=True, exist_ok=True)
-        args = (self.plans, self.configuration)
         # a single case gains nothing from a worker process that must first import numpy, scipy, ...
         workers = max(int(num_processes), 0) if len(todo) > 1 else 0
-        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not self.progress or not todo, dynamic_ncols=True)
-        with _preprocessing_executor(workers) as pre, ThreadPoolExecutor(1, thread_name_prefix="samplan-export") as writer:
-            queue: deque[tuple[str, Future]] = deque()
-            items = iter(todo.items())
+        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not self.progress or not todo,
+                   dynamic_ncols=True)
+        preprocessed = closing(self._preprocessed_cases(todo, references, workers))  # stops the workers on errors
+        with preprocessed as queue, ThreadPoolExecutor(1, thread_name_prefix="samplan-export") as writer:
             writes: deque[Future] = deque()
-
-            def submit_next() -> None:
-                for case, files in items:
-                    queue.append((case, pre.submit(_call, preprocess_case_files, case, (files, references.get(case), *args))))
-                    return
-
-            for _ in range(max(workers, 1)):
-                submit_next()
             try:
-                while queue:
-                    case, future = queue.popleft()
-                    try:
-                        data, ref, props = future.result()
-                    except BrokenProcessPool as e:
-                        raise SamplanError(
-                            f"the preprocessing worker died on case '{case}' (most often: out of memory). "
-                            f"Re-run with -np 0 and --continue; finished cases are kept."
-                        ) from e
-                    submit_next()  # the next case is preprocessed while the network works on this one
-                    extra = {} if source is None else source.for_case(
-                        case, None if ref is None else ref[0], props, data.shape, self.plans, self.method.name)
-                    logits = _call(partial(self.predict_logits, **extra), case, (data,))
+                for case, data, ref, props in queue:
+                    logits = self._predict_case(case, data, ref, props)
                     del data
                     while len(writes) >= _MAX_PENDING_WRITES:
                         writes.popleft().result()
@@ -277,13 +260,58 @@ class Predictor:
                     bar.update()
                 for w in writes:
                     w.result()
-                if source is not None:
-                    source.record(output_dir)
+                if self.prompt_source is not None:
+                    self.prompt_source.record(output_dir)
             finally:
                 bar.close()
+        return [self.output_file(output_dir, c) for c in cases]
+
+    def _preprocessed_cases(self, todo: Mapping[str, Sequence[Path]], references: Mapping[str, Path | None],
+                            workers: int) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, dict[str, Any]]]:
+        """(case, data, reference, properties) in order, the next case preprocessed (in a thread, or `workers`
+        spawned processes) while the caller works on this one; pending jobs are cancelled when the caller stops."""
+        with _preprocessing_executor(workers) as pre:
+            queue: deque[tuple[str, Future]] = deque()
+            items = iter(todo.items())
+
+            def submit_next() -> None:
+                for case, files in items:
+                    job = (files, references.get(case), self.plans, self.configuration)
+                    queue.append((case, pre.submit(_call, preprocess_case_files, case, job)))
+                    return
+
+            for _ in range(max(workers, 1)):
+                submit_next()
+            try:
+                while queue:
+                    case, future = queue.popleft()
+                    data, ref, props = _preprocessed(case, future)
+                    submit_next()  # the next case is preprocessed while the network works on this one
+                    yield case, data, ref, props
+            finally:
                 for _, future in queue:
                     future.cancel()
-        return [self.output_file(output_dir, c) for c in cases]
+
+    def _check_inputs(self, cases: Mapping[str, Sequence[str | Path]],
+                      todo: Mapping[str, Sequence[Path]]) -> dict[str, Path | None]:
+        """Channel counts, prompts (a method that needs them, a prompts file naming only known cases) and reference
+        label maps, all checked before any output; returns the reference file of each case to do."""
+        check_case_channels(todo, self.num_input_channels)
+        source = self.prompt_source
+        if source is None:
+            needs = self.method.missing_prompts_error(self.mp) if todo else None
+            if needs is not None:
+                raise SamplanError(needs)
+            return {}
+        source.check_cases(list(cases))
+        return {c: source.reference_file(c) for c in todo}
+
+    def _predict_case(self, case: str, data: np.ndarray, ref: np.ndarray | None, props: dict[str, Any]) -> torch.Tensor:
+        """The logits of one preprocessed case, with its prompts when the run has a prompt source."""
+        prompts = None
+        if self.prompt_source is not None:
+            prompts = self.prompt_source.for_case(case, None if ref is None else ref[0], props, data.shape, self.plans)
+        return _call(partial(self.predict_logits, prompts=prompts), case, (data,))
 
     def predict_folder(
         self,
@@ -315,12 +343,12 @@ def _preprocessing_executor(workers: int) -> Executor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
 
 
-def _plain_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict without the prefixes torch.compile / DataParallel add to parameter names."""
-    out = {}
-    for k, v in weights.items():
-        for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+def _preprocessed(case: str, future: Future) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """The result of a case's preprocessing job; a dead worker process becomes an error that says what to do."""
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise SamplanError(
+            f"the preprocessing worker died on case '{case}' (most often: out of memory). "
+            f"Re-run with -np 0 and --continue; finished cases are kept."
+        ) from e

@@ -1,14 +1,14 @@
-"""Method registry: `-m NAME` -> the method object. Adding a method = one module + one line here."""
+"""Method registry: `-m NAME` -> the method object. Adding a method = one subpackage + one line here."""
 from __future__ import annotations
 
 import difflib
 
 from samplan.errors import SamplanError
 from samplan.methods.base import Method
-from samplan.methods.medsam import MedSAMMethod
-from samplan.methods.samunetr import SAMUNETRMethod
-from samplan.methods.samzeroshot import SAMZeroShotMethod
-from samplan.methods.unet import UNetMethod
+from samplan.methods.medsam.method import MedSAMMethod
+from samplan.methods.samunetr.method import SAMUNETRMethod
+from samplan.methods.samzeroshot.method import SAMZeroShotMethod
+from samplan.methods.unet.method import UNetMethod
 
 METHODS: dict[str, Method] = {
     "unet": UNetMethod(),

@@ -1,103 +1,202 @@
-"""The Method interface: what every segmentation method in samplan provides to the generic stages.
+"""The Method interface: every hook the planner, the trainer and the predictor call, and the plan a method is bound to.
 
-Every method contributes its plan section; trainable ones (`TrainableMethod`) also build their network
-and training recipe, and may override the generic train/validation steps and dense prediction. A
-method is a stateless object registered by name in `samplan.methods`.
+A method is a stateless object registered by name in `samplan.methods`. Its plan section is a typed dataclass
+(`section_type`, a samplan.experiment_planning.sections.PlanSection) written by `plan_section` and parsed once by
+`check_plan`, which returns a `MethodPlan`: the parsed section with the plans dict and the configuration. Every
+other hook receives that `MethodPlan`, never the raw plans dict. `TrainableMethod`s also give a training recipe
+and may replace the generic train/validation steps; `PromptedMethod`s have no training and segment from prompts.
+Torch is imported only inside the hooks that make tensors, so planning does not load it.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Mapping, Sequence, TypeVar
 
-from samplan.experiment_planning.plans import ComputeBudget
+from samplan.errors import SamplanError
+from samplan.experiment_planning.budget import ComputeBudget
+from samplan.experiment_planning.sections import PlanSection
+from samplan.paths import preprocessed_root
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would slow down planning
     import torch
     from torch import nn
 
     from samplan.dataset.labels import LabelManager
-    from samplan.training.recipe import TrainingRecipe
+    from samplan.prompts.case_prompts import CasePrompts, ReferencePromptSettings
+    from samplan.engine.recipe import TrainingRecipe
+
+S = TypeVar("S", bound=PlanSection)
+
+
+@dataclass(frozen=True)
+class MethodPlan(Generic[S]):
+    """A method's parsed plan section, bound to the plans it came from and one configuration."""
+
+    method: str
+    section: S
+    plans: Mapping[str, Any]
+    configuration: str
+    plans_file: str = "plans.json"
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The base plan of the configuration (patch size, spacing, normalisation, ...: plans["configurations"][c])."""
+        return self.plans["configurations"][self.configuration]
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the configuration's preprocessed cases are (they exist only after samplan_plan_and_preprocess)."""
+        data_id = self.config.get("data_identifier", self.configuration)
+        return preprocessed_root() / str(self.plans.get("dataset_name", "")) / str(data_id)
+
+
+@dataclass(frozen=True)
+class PredictionContext:
+    """What one case's prediction needs besides the network and its input.
+
+    `mirror_axes`: spatial axes of the network input for mirroring test-time augmentation (empty: none);
+    `prompts`: the case's prompts on its preprocessed grid (prompted methods); `reference`: a reference label map
+    `(Z, Y, X)` on that grid, for methods validated with reference-derived prompts; `embedding_cache`: where a
+    method with a frozen encoder may keep image embeddings across runs (samplan.methods.sam_common.embedding_cache).
+    """
+
+    device: "torch.device"
+    mirror_axes: tuple[int, ...] = ()
+    prompts: "CasePrompts | None" = None
+    reference: Any = None
+    embedding_cache: Any = None
 
 
 class Method(ABC):
-    """One segmentation method; subclasses set the three class attributes and implement `plan_section`."""
+    """One segmentation method; subclasses set the class attributes and implement the abstract hooks."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
     # "2d": works on slices of the transposed volume; "3d": works on 3D patches
-    dimensionality: str = ""
-    needs_training: bool = True
+    dimensionality: ClassVar[str] = ""
+    needs_training: ClassVar[bool] = True
+    section_type: ClassVar[type[PlanSection]] = PlanSection
 
     @abstractmethod
-    def plan_section(
-        self, fingerprint: dict[str, Any], base_plan: dict[str, Any], budget: ComputeBudget, dataset_json: dict[str, Any]
-    ) -> dict[str, Any]:
-        """This method's section of plans.json (plain JSON data), from the fingerprint and the base plan.
+    def plan_section(self, fingerprint: dict[str, Any], base_plan: dict[str, Any], budget: ComputeBudget,
+                     dataset_json: dict[str, Any]) -> PlanSection:
+        """This method's section of plans.json, from the fingerprint and the base plan.
 
-        `base_plan` is the plans dict without "methods" (configurations already planned; a copy, so
-        changing it has no effect): a section references its configurations by name. `dataset_json`
-        gives what the fingerprint does not: channel names, labels and regions.
+        `base_plan` is the plans dict without "methods" (configurations already planned; a copy, so changing it
+        has no effect): a section references its configurations by name. `dataset_json` gives what the
+        fingerprint does not: channel names, labels and regions.
         """
+
+    def configurations(self, section: Any) -> list[str]:
+        """Configurations this method works on, from its section (the first is the default)."""
+        return list(section.configurations)
+
+    def check_plan(self, plans: Mapping[str, Any], configuration: str | None = None, *,
+                   plans_file: str | Path = "plans.json") -> MethodPlan:
+        """Parse and check this method's section of `plans` and bind it to `configuration` (default: the first).
+
+        Unknown, missing or mistyped keys, a configuration that is not planned, and whatever `check` refuses are
+        a SamplanError naming the plans file: the trainer calls this before it writes anything.
+        """
+        raw = (plans.get("methods") or {}).get(self.name)
+        if raw is None:
+            raise SamplanError(f"{plans_file} has no '{self.name}' section; re-plan with samplan_plan_and_preprocess "
+                               f"-m {self.name}.")
+        section = self.resolve(self.section_type.from_dict(raw, f"{plans_file}: methods.{self.name}"))
+        configs = self.configurations(section)
+        configuration = configuration or configs[0]
+        if configuration not in configs or configuration not in (plans.get("configurations") or {}):
+            raise SamplanError(f"configuration {configuration!r} is not planned for {self.name}; planned: "
+                               f"{', '.join(configs)}.")
+        mp = MethodPlan(self.name, section, plans, configuration, str(plans_file))
+        self.check(mp)
+        return mp
+
+    def resolve(self, section: Any) -> Any:
+        """The section as the hooks use it (e.g. a backbone alias resolved); the plans file keeps what was written."""
+        return section
+
+    def check(self, mp: MethodPlan) -> None:
+        """Raise SamplanError when the bound plan (with the CLI's overrides) cannot be used."""
+
+    @abstractmethod
+    def build_network(self, mp: MethodPlan, num_input_channels: int, num_outputs: int) -> "nn.Module":
+        """The network, randomly initialised (trained weights are loaded by the caller)."""
+
+    def initialize_pretrained(self, network: "nn.Module", mp: MethodPlan) -> str:
+        """Load pretrained weights into a new network (new trainings and untrained model folders, never prediction);
+        a line for the training log, "" when there is nothing to load."""
+        return ""
+
+    def predict_logits(self, network: "nn.Module", data: "torch.Tensor", mp: MethodPlan,
+                       context: PredictionContext) -> "torch.Tensor":
+        """Logits `(K, Z, Y, X)` (float32, CPU) for one preprocessed case `(C, Z, Y, X)`.
+
+        The default: Gaussian-weighted sliding windows for 3D configurations, slice by slice along axis 0 for 2D
+        ones, mirrored along `context.mirror_axes`.
+        """
+        from samplan.engine.dense import predict_dense
+
+        return predict_dense(network, data, mp.plans, mp.configuration, mirror_axes=context.mirror_axes,
+                             device=context.device)
+
+    def missing_prompts_error(self, mp: MethodPlan) -> str | None:
+        """The error to stop a prediction run with when it has no prompts but this method's model needs them."""
+        return None
+
+    def validation_prompt_strategy(self, mp: MethodPlan) -> str | None:
+        """For prompted models: the reference-derived prompt strategy (samplan.prompts.case_prompts) their final
+        validation predicts with, marked as an oracle in its summary; None = no prompts."""
+        return None
+
+    def reference_prompt_settings(self, mp: MethodPlan) -> "ReferencePromptSettings":
+        """How this method's prompts come from reference label maps (label groups, the oracle's points/box)."""
+        from samplan.prompts.case_prompts import ReferencePromptSettings
+
+        return ReferencePromptSettings()
 
     def __repr__(self) -> str:
         return f"<method {self.name} ({self.dimensionality}, {'trained' if self.needs_training else 'no training'})>"
 
 
 class TrainableMethod(Method):
-    """A method that `samplan_train` can train and `samplan_predict` can run.
+    """A method that `samplan_train` trains: it builds a recipe, and uses the generic steps unless it overrides them."""
 
-    Subclasses build the network and the training recipe; the generic steps (one optimiser step on a
-    batch, a validation batch, and dense prediction of a preprocessed case) are shared defaults that a
-    method overrides only where its paper does something else.
-    """
-
-    def configurations(self, plans: dict[str, Any]) -> list[str]:
-        """Configurations this method trains, from its plan section (the first is the default)."""
-        return list(plans["methods"][self.name]["configurations"])
-
-    def check_plan(self, plans: dict[str, Any]) -> None:
-        """Raise SamplanError when this method's plan section (with the CLI's overrides) cannot be used.
-
-        Called by the trainer before anything is written, so a typo in --backbone leaves no model folder.
-        """
-
-    def missing_prompts_error(self, plans: dict[str, Any]) -> str | None:
-        """The error to stop a prediction run with when it has no prompts but this method's model needs them."""
-        return None
-
-    def validation_prompt_strategy(self, plans: dict[str, Any]) -> str | None:
-        """For box- or point-prompted methods: the reference-derived prompt strategy (samplan.inference.prompted)
-        that the final validation predicts with, marked as an oracle in its summary; None = no prompts."""
-        return None
+    needs_training: ClassVar[bool] = True
 
     @abstractmethod
-    def build_network(self, plans: dict[str, Any], configuration: str, num_input_channels: int, num_outputs: int) -> "nn.Module":
-        """The network for `configuration`, randomly initialised (weights are loaded by the caller)."""
-
-    @abstractmethod
-    def training_recipe(self, plans: dict[str, Any], configuration: str, label_manager: "LabelManager") -> "TrainingRecipe":
-        """Loss, optimiser, schedule, sampling and augmentation for `configuration`, from the plan section."""
+    def training_recipe(self, mp: MethodPlan, label_manager: "LabelManager") -> "TrainingRecipe":
+        """Loss, optimiser, schedule, sampling and augmentation for the bound configuration, from the section."""
 
     def train_step(self, network: "nn.Module", batch: dict[str, Any], recipe: "TrainingRecipe",
-                   optimizer: "torch.optim.Optimizer", device: "torch.device") -> dict[str, float]:
+                   optimizer: "torch.optim.Optimizer", device: "torch.device", mp: MethodPlan) -> dict[str, float]:
         """One optimiser step on `batch`; returns {"loss": float}."""
-        from samplan.training.steps import default_train_step
+        from samplan.engine.steps import default_train_step
 
         return default_train_step(network, batch, recipe, optimizer, device)
 
     def validation_step(self, network: "nn.Module", batch: dict[str, Any], recipe: "TrainingRecipe",
-                        device: "torch.device", label_manager: "LabelManager") -> dict[str, Any]:
+                        device: "torch.device", label_manager: "LabelManager", mp: MethodPlan) -> dict[str, Any]:
         """Loss and per-class tp/fp/fn on a validation batch (for the running pseudo-Dice)."""
-        from samplan.training.steps import default_validation_step
+        from samplan.engine.steps import default_validation_step
 
         return default_validation_step(network, batch, recipe, device, label_manager)
 
-    def predict_logits(self, network: "nn.Module", data: "torch.Tensor", plans: dict[str, Any], configuration: str,
-                       *, mirror_axes: tuple[int, ...], device: "torch.device") -> "torch.Tensor":
-        """Logits `(K, Z, Y, X)` (float32, CPU) for one preprocessed case `(C, Z, Y, X)`.
 
-        3D configurations use Gaussian-weighted sliding windows; 2D ones run slice by slice along axis 0.
-        `mirror_axes` are the spatial axes used for mirroring test-time augmentation (empty: none).
-        """
-        from samplan.inference.dense import predict_dense
+class PromptedMethod(Method):
+    """A method without training that segments from prompts given at prediction (a prompts file, or prompts derived
+    from reference label maps). `samplan_train` writes its model folder: the pretrained weights and their identity."""
 
-        return predict_dense(network, data, plans, configuration, mirror_axes=mirror_axes, device=device)
+    needs_training: ClassVar[bool] = False
+    needs_prompts: ClassVar[str] = "this method needs prompts: samplan_predict --prompts FILE, or --prompt-strategy " \
+                                   "with --reference-dir DIR."
+
+    def missing_prompts_error(self, mp: MethodPlan) -> str | None:
+        """Always the method's `needs_prompts` message: there is no prediction without prompts."""
+        return self.needs_prompts
+
+
+def trainable_names(methods: Mapping[str, Method]) -> Sequence[str]:
+    """Names of the trainable methods among `methods`."""
+    return [n for n, m in methods.items() if isinstance(m, TrainableMethod)]

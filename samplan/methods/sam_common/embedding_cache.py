@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from samplan.utils import atomic_path
 
@@ -25,6 +26,25 @@ def array_sha256(data: np.ndarray | torch.Tensor) -> str:
     a = np.ascontiguousarray(a)
     h = hashlib.sha256(f"{a.shape}|{a.dtype}".encode())
     h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def weights_identity(network: nn.Module, buffer: str) -> str:
+    """The identity of a network's weights: the sha256 stored in its uint8 buffer `buffer` (that of the weights file
+    it was loaded from, see samplan.methods.sam_common.weights), or, while that is unset, a hash of its state."""
+    buf = getattr(network, buffer, None)
+    if buf is not None and bool(buf.any()):
+        return bytes(buf.cpu().tolist()).hex()
+    return state_sha256(network, exclude=(buffer,))
+
+
+def state_sha256(network: nn.Module, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over the names and values of a network's state dict (random weights have no file to hash)."""
+    h = hashlib.sha256()
+    for k, v in sorted(network.state_dict().items()):
+        if k not in exclude:
+            h.update(k.encode())
+            h.update(array_sha256(v.float()).encode())
     return h.hexdigest()
 
 

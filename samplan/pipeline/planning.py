@@ -1,20 +1,42 @@
-"""The `samplan_plan_and_preprocess` job: verify -> fingerprint -> plan -> preprocess, writing nothing on bad input."""
+"""The `samplan_plan_and_preprocess` job: verify -> fingerprint -> plan (base plan + the methods' sections) ->
+preprocess, writing nothing on bad input."""
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from samplan.dataset.dataset_json import load_dataset_json
 from samplan.dataset.verify import verify_dataset
+from samplan.experiment_planning.budget import ComputeBudget
 from samplan.experiment_planning.fingerprint import extract_fingerprint
-from samplan.experiment_planning.planner import plan_experiment
+from samplan.experiment_planning.planner import plan_base
+from samplan.methods import available_methods, get_method
 from samplan.paths import preprocessed_root, raw_root, resolve_dataset_name
 from samplan.preprocessing.run import preprocess_dataset
 from samplan.utils import load_json, save_json
 
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
+
+
+def plan_experiment(
+    dataset_name: str,
+    dataset_json: dict,
+    fingerprint: dict,
+    methods: Sequence[str] | None = None,
+    overwrite_target_spacing: Sequence[float] | None = None,
+    budget: ComputeBudget | None = None,
+) -> dict[str, Any]:
+    """The plans.json dict: base plan + plans["methods"][name] for each method (all registered if None)."""
+    budget = budget or ComputeBudget()
+    chosen = [get_method(m) for m in (available_methods() if methods is None else methods)]  # fail before work
+    plans = plan_base(dataset_name, dataset_json, fingerprint, overwrite_target_spacing, budget)
+    plans["methods"] = {
+        m.name: m.plan_section(fingerprint, copy.deepcopy(plans), budget, dataset_json).to_dict() for m in chosen
+    }
+    return plans
 
 
 def plan_and_preprocess(

@@ -32,6 +32,7 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from samplan.dataset.labels import LabelManager
+from samplan.experiment_planning.recipe_sections import Augmentation
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: a 3D patch (or spacing) this much longer in-plane than along axis 0 is anisotropic
 INITIAL_PATCH_MIN_SCALE = 0.85  # nnU-Net sizes the initial patch for this zoom-out, although scaling reaches 0.7
@@ -107,6 +108,14 @@ def augmentation_params(patch_size: Sequence[int], spacing: Sequence[float] | No
             "initial_patch_size": initial, "mirror_axes": mirror_axes}
 
 
+def slice_augmentation(section: Augmentation) -> dict[str, Any]:
+    """`build_train_transforms` keyword arguments of a plan's 2D augmentation section (slices, no dummy 2D)."""
+    rot = math.radians(float(section.rotation_deg))
+    return {"rotation_for_DA": (-rot, rot), "mirror_axes": (0, 1) if section.mirror else (),
+            "do_dummy_2d_data_aug": False, "intensity": bool(section.intensity),
+            "scaling": tuple(float(v) for v in section.scaling)}
+
+
 class LabelTargetTransform(SegOnlyTransform):
     """Segmentation `(1, *spatial)` -> training target via the LabelManager: class indices `(1, *spatial)` int64
     (-1 -> 0, the ignore label kept), or region masks `(R, *spatial)` float32 plus, with an ignore label, one last
@@ -144,10 +153,12 @@ def build_train_transforms(
     initial_patch_size: Sequence[int] | None = None,
     use_mask_for_norm: Sequence[bool] | None = None,
     intensity: bool = True,
+    scaling: Sequence[float] = (0.7, 1.4),
 ) -> BasicTransform:
     """nnU-Net's default training augmentation for final patches of `patch_size` ((Z, Y, X) or (Y, X)).
 
-    Spatial (rotation p=0.2 within `rotation_for_DA`, isotropic scaling 0.7-1.4 p=0.2, no elastic deformation,
+    Spatial (rotation p=0.2 within `rotation_for_DA`, isotropic scaling within `scaling` (nnU-Net: 0.7-1.4) p=0.2,
+    no elastic deformation,
     centre crop to `patch_size`; in-plane only when `do_dummy_2d_data_aug`), Gaussian noise, Gaussian blur,
     brightness, contrast, low-resolution simulation, inverted and plain gamma, mirroring along `mirror_axes`,
     zeroing outside the nonzero mask for channels normalised inside it, then the target transforms.
@@ -165,7 +176,8 @@ def build_train_transforms(
         transforms.append(Convert3DTo2DTransform())  # axis 0 joins the channels: rotate/scale in-plane only
     transforms.append(SpatialTransform(
         patch[1:] if do_dummy_2d_data_aug else patch, patch_center_dist_from_border=0, random_crop=False,
-        p_elastic_deform=0, p_rotation=0.2, rotation=rotation, p_scaling=0.2, scaling=(0.7, 1.4),
+        p_elastic_deform=0, p_rotation=0.2, rotation=rotation, p_scaling=0.2,
+        scaling=tuple(float(v) for v in scaling),
         p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False, border_mode_seg="constant",
         padding_value_seg=-1))
     if do_dummy_2d_data_aug:

@@ -1,4 +1,4 @@
-"""Optimisers, learning-rate schedules, devices and seeds for training.
+"""Optimisers, learning-rate schedules (from the plan's recipe sections) and seeds for training.
 
 The poly schedule follows torch's convention (the trainer calls `step()` once at the end of every
 epoch), which gives nnU-Net's learning rate for epoch e: lr0 * (1 - e / num_epochs) ** 0.9.
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
+from samplan.experiment_planning.recipe_sections import SGD, AdamW, ConstantSchedule, Optimizer, PolySchedule, Schedule
 
 
 class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -64,6 +64,34 @@ def make_poly(exponent: float = 0.9) -> Callable[[torch.optim.Optimizer, int], P
         return PolyLRScheduler(optimizer, num_epochs, exponent)
 
     return make
+
+
+def make_optimizer(section: Optimizer) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    """A factory params -> the planned optimiser over the trainable parameters only (frozen ones never reach it)."""
+    if isinstance(section, SGD):
+        return _trainable_only(make_sgd(float(section.lr), float(section.momentum), bool(section.nesterov),
+                                        float(section.weight_decay)))
+    if isinstance(section, AdamW):
+        lr, wd = float(section.lr), float(section.weight_decay)
+        return _trainable_only(lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
+    raise ValueError(f"no optimiser for {section!r}")
+
+
+def _trainable_only(make: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+                    ) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    def make_trainable(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return make([p for p in params if p.requires_grad])
+
+    return make_trainable
+
+
+def make_schedule(section: Schedule) -> Callable[[torch.optim.Optimizer, int], PolyLRScheduler]:
+    """A factory (optimizer, num_epochs) -> the planned schedule: poly, or constant (poly with exponent 0)."""
+    if isinstance(section, PolySchedule):
+        return make_poly(float(section.exponent))
+    if isinstance(section, ConstantSchedule):
+        return make_poly(0.0)  # (1 - e / E) ** 0 == 1: the trainer's scheduler protocol with a constant rate
+    raise ValueError(f"no schedule for {section!r}")
 
 
 def derived_seed(*parts: int | str) -> int:

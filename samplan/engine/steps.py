@@ -14,7 +14,7 @@ from torch import nn
 
 from samplan.dataset.labels import LabelManager
 from samplan.devices import autocast
-from samplan.training.recipe import TrainingRecipe
+from samplan.engine.recipe import TrainingRecipe
 
 
 def to_device(x: Any, device: torch.device) -> Any:

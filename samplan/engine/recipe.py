@@ -16,7 +16,7 @@ class TrainingRecipe:
     when deep supervision is on. `make_scheduler(optimizer, num_epochs)` is stepped once at the end of every epoch.
     `patch_size` has 2 entries for slice-based (2D) training and 3 for 3D patches, in the
     transposed axis order of the plan. `augmentation` holds the keyword arguments of
-    `samplan.training.augmentation.build_train_transforms`. `mirror_axes` are the spatial axes
+    `samplan.engine.augmentation.build_train_transforms`. `mirror_axes` are the spatial axes
     (of the patch) that test-time augmentation may mirror.
     """
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from samplan.devices import resolve_device
-from samplan.inference.sliding_window import DEFAULT_STEP_SIZE, gaussian_importance_map, pad_to_patch, window_starts
+from samplan.engine.sliding_window import DEFAULT_STEP_SIZE, gaussian_importance_map, pad_to_patch, window_starts
 from samplan.preprocessing.preprocessor import configuration_plan
 
 # upper bound of input voxels (channels x window voxels x batch) sent to the network at once
