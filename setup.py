@@ -43,6 +43,8 @@ setup(
             "samplan_predict=samplan.cli.predict:main",
             "samplan_train=samplan.cli.train:main",
             "samplan_weights=samplan.cli.weights:main",
+            "samplan_find_best=samplan.cli.find_best:main",
+            "samplan_report=samplan.cli.report:main",
         ]
     },
 )

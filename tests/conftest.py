@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -61,3 +63,31 @@ def copy_shared_subset(name: str, dest_root: Path, n_cases: int | None = None) -
     meta["numTraining"] = len(cases)
     (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
     return dst
+
+
+@contextmanager
+def samplan_dirs(root: Path, extra: tuple[str, ...] = ()) -> Iterator[Path]:
+    """SAMPLAN_RAW / _PREPROCESSED / _RESULTS (and the `extra` variables) set to new folders under `root` while the
+    block runs, for module-scoped fixtures (the function-scoped `samplan_env` cannot serve them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("SAMPLAN_RAW", "SAMPLAN_PREPROCESSED", "SAMPLAN_RESULTS", *extra):
+            (root / var).mkdir()
+            mp.setenv(var, str(root / var))
+        yield root
+
+
+def plan_quickly(raw: Path, methods: list[str] | None, configurations: list[str] | None = None,
+                 plan_only: bool = False) -> Path:
+    """plan_and_preprocess of a raw dataset after a fingerprint with few intensity samples (fast; the percentiles
+    barely move); returns the preprocessed folder."""
+    from samplan.experiment_planning.fingerprint import extract_fingerprint
+    from samplan.paths import preprocessed_root
+    from samplan.pipeline.planning import plan_and_preprocess
+    from samplan.utils import save_json
+
+    pre = preprocessed_root() / raw.name
+    pre.mkdir(parents=True, exist_ok=True)
+    save_json(extract_fingerprint(raw, num_processes=1, progress=False, total_intensity_samples=1e5),
+              pre / "fingerprint.json")
+    return plan_and_preprocess(raw.name, methods=methods, configurations=configurations, num_processes=1,
+                               plan_only=plan_only)

@@ -18,16 +18,14 @@ import pytest
 import torch
 
 from samplan.dataset.labels import LabelManager
-from samplan.experiment_planning.fingerprint import extract_fingerprint
 from samplan.experiment_planning.sections import record_reads, section_leaves
 from samplan.methods import get_method
 from samplan.methods.base import PredictionContext, TrainableMethod
-from samplan.pipeline.planning import plan_and_preprocess
 from samplan.preprocessing.cache import open_case
 from samplan.prompts.case_prompts import reference_prompts
 from samplan.training.data_loader import PatchLoader
 from samplan.training.trainer import merge_overrides
-from samplan.utils import load_json, save_json
+from samplan.utils import load_json
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_vit", "checkpoint": "none", "batch_size": 2}
@@ -57,12 +55,10 @@ def datasets(tmp_path_factory):
     """The three datasets planned for every method and preprocessed (2d, and 3d_fullres for the 3D one)."""
     from conftest import copy_shared_subset, shared_dataset
 
-    root = tmp_path_factory.mktemp("plan_keys")
+    from conftest import plan_quickly, samplan_dirs
+
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("SAMPLAN_RAW", "SAMPLAN_PREPROCESSED", "SAMPLAN_RESULTS"):
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
+    with samplan_dirs(tmp_path_factory.mktemp("plan_keys")) as root:
         raws = {"3d": make_dataset_3d(root / "SAMPLAN_RAW", n_cases=3),
                 "png": make_dataset_2d_png(root / "SAMPLAN_RAW", n_cases=3)}
         try:
@@ -71,12 +67,7 @@ def datasets(tmp_path_factory):
         except pytest.skip.Exception:
             pass  # without ../shared/data the synthetic scenarios still run
         for key, raw in raws.items():
-            pre = root / "SAMPLAN_PREPROCESSED" / raw.name
-            pre.mkdir()
-            save_json(extract_fingerprint(raw, num_processes=1, progress=False, total_intensity_samples=1e5),
-                      pre / "fingerprint.json")
-            configs = ["2d", "3d_fullres"] if key == "3d" else ["2d"]
-            plan_and_preprocess(raw.name, methods=list(METHODS), configurations=configs, num_processes=1)
+            pre = plan_quickly(raw, list(METHODS), ["2d", "3d_fullres"] if key == "3d" else ["2d"])
             plans = load_json(pre / "plans.json")
             for cfg in plans["configurations"].values():  # small U-Nets: the test is about keys, not accuracy
                 kw = cfg.get("architecture", {}).get("arch_kwargs")

@@ -7,11 +7,9 @@ import copy
 import pytest
 
 from samplan.errors import SamplanError
-from samplan.experiment_planning.fingerprint import extract_fingerprint
 from samplan.methods import get_method
 from samplan.methods.medsam.plan import MedSAMSection
 from samplan.methods.sam_common.plan import PercentileClipRule, WindowRule
-from samplan.pipeline.planning import plan_and_preprocess
 from samplan.utils import load_json, save_json
 from synthetic import make_dataset_3d
 
@@ -19,17 +17,11 @@ from synthetic import make_dataset_3d
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """The synthetic 3D dataset planned for every method (no preprocessing), with SAMPLAN_* set for the module."""
-    root = tmp_path_factory.mktemp("sections")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("SAMPLAN_RAW", "SAMPLAN_PREPROCESSED", "SAMPLAN_RESULTS"):
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
+    from conftest import plan_quickly, samplan_dirs
+
+    with samplan_dirs(tmp_path_factory.mktemp("sections")) as root:
         raw = make_dataset_3d(root / "SAMPLAN_RAW", n_cases=3)
-        pre = root / "SAMPLAN_PREPROCESSED" / raw.name
-        pre.mkdir()
-        save_json(extract_fingerprint(raw, num_processes=1, progress=False, total_intensity_samples=1e5),
-                  pre / "fingerprint.json")
-        plan_and_preprocess(raw.name, plan_only=True, num_processes=1)
+        pre = plan_quickly(raw, None, plan_only=True)
         yield raw, pre, load_json(pre / "plans.json")
 
 

@@ -13,6 +13,8 @@ EPILOG = """examples:
   samplan_predict -i imagesTs/ -o pred/ --save-probabilities --continue --device cpu -np 2
   samplan_predict -i imagesTr/ -o pred/ -m samzeroshot --prompt-strategy oracle --reference-dir labelsTr/
   samplan_predict -i imagesTs/ -o pred/ -m samzeroshot --prompts prompts.json   # points/boxes per case and slice
+  samplan_predict -i imagesTs/ -o pred/ -m medsam --prompts-from unet -pc 3d_fullres   # a cascade: unet's boxes
+  samplan_predict -i imagesTs/ -o pred/ -d 4 --best     # what samplan_find_best -d 4 chose
 
 Input files are named as in the raw format: {case}_{XXXX}{ending}, one file per channel (XXXX = 0000,
 0001, ...; an RGB PNG holds three channels). Outputs are {case}{ending}; with --save-probabilities also
@@ -21,7 +23,9 @@ Without -d/-m/-c, the one trained model under SAMPLAN_RESULTS that fits is used;
 are listed with the arguments that choose each.
 Prompted methods (samzeroshot) need --prompts FILE, or --prompt-strategy with --reference-dir (label maps
 {case}{ending}: an oracle protocol, recorded in the output folder's prompts_used.json). Their image embeddings
-are cached under the model folder's embedding_cache/ (--no-embedding-cache disables it).
+are cached under the model folder's embedding_cache/ (--no-embedding-cache disables it). With --prompts-from,
+another trained model segments the images first (into {output}/prompts_from_{method}__{configuration}/) and
+its label maps become the prompts: a cascade, fully automatic, not an oracle.
 """
 
 
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default=None, help="plans name of the model (default: any, usually samplanPlans)")
     p.add_argument("-f", "--folds", nargs="+", default=None, metavar="F",
                    help="folds to ensemble: 0 1 2 3 4 or all (default: every fold with the checkpoint)")
+    p.add_argument("--best", action="store_true", help="predict with the best candidate of samplan_find_best -d D "
+                   "(its inference_instructions.json: a model, a cascade or an ensemble, post-processed)")
     p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"), help="which checkpoint of each fold (default: final)")
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz probabilities and {case}.json properties")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster in 3D)")
@@ -50,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-strategy", default=None, choices=("oracle", "box", "propagate"),
                    help="prompts from --reference-dir label maps: the paper's oracle points, boxes, or one key-slice box propagated (default: oracle)")
     g.add_argument("--reference-dir", default=None, metavar="DIR", help="reference label maps {case}{ending} for --prompt-strategy")
+    g.add_argument("--prompts-from", default=None, metavar="METHOD", help="prompts from another trained model (a "
+                   "cascade's first stage, e.g. unet): its label maps become boxes/points per label, slice and component")
+    g.add_argument("-pc", "--prompts-from-configuration", default=None, metavar="C", help="the first stage's "
+                   "configuration (default: its only trained one)")
+    g.add_argument("-pf", "--prompts-from-folds", nargs="+", default=None, metavar="F", help="the first stage's folds "
+                   "(default: all it has)")
+    g.add_argument("--prompts-from-dir", default=None, metavar="DIR", help="first-stage label maps that exist already "
+                   "({case}{ending} in the images' geometry) instead of running --prompts-from")
     g.add_argument("--embedding-cache-dir", default=None, metavar="DIR", help="where image embeddings are cached (default: MODEL_DIR/embedding_cache)")
     g.add_argument("--no-embedding-cache", action="store_true", help="always run the image encoder; cache nothing")
     return p
@@ -63,6 +77,11 @@ def prompt_source_from_args(args: argparse.Namespace, model_dir, file_ending: st
     from samplan.methods.sam_common.embedding_cache import EmbeddingCache
     from samplan.inference.prompted import PromptSource
 
+    if args.prompts_from is not None or args.prompts_from_dir is not None:
+        if args.prompts is not None or args.reference_dir is not None:
+            raise SamplanError("--prompts-from gives the prompts: drop --prompts / --reference-dir.")
+        cache = None if args.no_embedding_cache else EmbeddingCache(Path(args.embedding_cache_dir or Path(model_dir) / "embedding_cache"))
+        return model_prompt_source(args, file_ending, cache)
     if args.prompts is None and args.reference_dir is None:
         if args.prompt_strategy is not None:
             raise SamplanError("--prompt-strategy needs --reference-dir (the reference label maps the prompts come from).")
@@ -70,6 +89,32 @@ def prompt_source_from_args(args: argparse.Namespace, model_dir, file_ending: st
     cache = None if args.no_embedding_cache else EmbeddingCache(Path(args.embedding_cache_dir or Path(model_dir) / "embedding_cache"))
     return PromptSource(prompts_file=args.prompts, strategy=args.prompt_strategy, reference_dir=args.reference_dir,
                         file_ending=file_ending, embedding_cache=cache)
+
+
+def model_prompt_source(args: argparse.Namespace, file_ending: str, cache):
+    """The ModelPromptSource of --prompts-from (the first stage runs into {output}/prompts_from_{model}/) or of
+    --prompts-from-dir (its predictions exist)."""
+    from pathlib import Path
+
+    from samplan.inference.model_prompts import ModelPromptSource
+    from samplan.inference.model_selection import select_model
+    from samplan.inference.predictor import Predictor
+
+    if args.prompts_from is None:
+        return ModelPromptSource(args.prompts_from_dir, {"predictions": str(args.prompts_from_dir)},
+                                 file_ending=file_ending, embedding_cache=cache)
+    first = select_model(args.dataset, args.prompts_from, args.prompts_from_configuration, args.plans, args.checkpoint,
+                         input_dir=args.input)
+    stage = Predictor.from_model_dir(first.path, folds=args.prompts_from_folds, checkpoint=args.checkpoint,
+                                     device=args.device, tta=not args.disable_tta, precision=args.precision)
+    folds = [str(f) for f in (args.prompts_from_folds or first.folds)]
+    description = {"method": stage.method.name, "configuration": stage.configuration, "folds": folds,
+                   "checkpoint": args.checkpoint, "model_dir": str(first.path)}
+    print(f"prompts from: {first.path} (folds {' '.join(folds)})")
+    where = Path(args.output) / f"prompts_from_{stage.method.name}__{stage.configuration}"
+    if args.prompts_from_dir is not None:
+        where = Path(args.prompts_from_dir)
+    return ModelPromptSource(where, description, first_stage=stage, file_ending=file_ending, embedding_cache=cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if not Path(args.input).is_dir():
             raise SamplanError(f"input folder {args.input} does not exist.")
+        if args.best:
+            from samplan.pipeline.best_prediction import predict_best
+
+            if args.dataset is None:
+                raise SamplanError("--best needs -d DATASET (whose samplan_find_best instructions to follow).")
+            outputs = predict_best(args.dataset, args.input, args.output, device=args.device, precision=args.precision,
+                                   tta=not args.disable_tta, overwrite=not args.continue_)
+            print(f"wrote {len(outputs)} label map(s) to {args.output}")
+            return
         model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
         print(f"model: {model.path} (folds {' '.join(args.folds or model.folds)}, checkpoint_{args.checkpoint})")
         from samplan.utils import load_json

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, metavar="NAME", help="SAM methods: backbone instead of the plan's (e.g. vit_b, vit_l, vit_h, tiny_vit); recorded in the model folder's plans.json")
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="SAM methods: pretrained backbone weights file instead of the official ones ('none': random); recorded in plans.json")
     p.add_argument("--unfreeze", nargs="+", default=None, metavar="PREFIX", help="medsam: train exactly the parameters whose dotted names start with these prefixes (e.g. mask_decoder image_encoder.neck) instead of the plan's modules; recorded in plans.json")
+    p.add_argument("--npz", dest="save_probabilities", action="store_true", help="the final validation also writes "
+                   "{case}.npz probabilities in the original geometry (ensembling in samplan_find_best needs them)")
+    p.add_argument("--no-val", dest="final_validation", action="store_false", help="skip the final validation after "
+                   "training (samplan_train --val runs it later)")
     p.add_argument("-np", "--num-workers", type=int, default=None, metavar="N", help="background data loader processes (0: load in the main process; default: from the device)")
     return p
 
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters, device=args.device,
             continue_training=args.continue_training, only_validate=args.only_validate,
             pretrained_weights=args.pretrained_weights, seed=args.seed, num_workers=args.num_workers, precision=args.precision,
-            method_overrides=overrides or None,
+            method_overrides=overrides or None, final_validation=args.final_validation,
+            save_probabilities=args.save_probabilities,
         )
 
     return run_cli(job)

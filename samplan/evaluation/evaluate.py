@@ -152,7 +152,7 @@ def evaluate_folders(
         result["prompts"] = prompts
     result = _sorted_keys(result)
     if output_file is not None:
-        save_json(_nan_to_none(result), output_file)
+        save_json(nan_to_none(result), output_file)
     return result
 
 
@@ -195,11 +195,12 @@ def _sorted_keys(obj: Any) -> Any:
     return obj
 
 
-def _nan_to_none(obj: Any) -> Any:
+def nan_to_none(obj: Any) -> Any:
+    """`obj` with every NaN float replaced by None (JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     if isinstance(obj, float) and math.isnan(obj):
         return None
     return obj

@@ -304,6 +304,7 @@ class Predictor:
                 raise SamplanError(needs)
             return {}
         source.check_cases(list(cases))
+        source.prepare(todo)  # a cascade's first stage predicts the cases here, before this run writes anything
         return {c: source.reference_file(c) for c in todo}
 
     def _predict_case(self, case: str, data: np.ndarray, ref: np.ndarray | None, props: dict[str, Any]) -> torch.Tensor:

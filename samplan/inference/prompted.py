@@ -68,6 +68,9 @@ class PromptSource:
         """True when the prompts derive from reference masks."""
         return self.reference_dir is not None
 
+    def prepare(self, cases: Mapping[str, Sequence[Path]]) -> None:
+        """Make what the cases' prompts need before they are predicted (nothing for a file or reference source)."""
+
     def reference_file(self, case: str) -> Path | None:
         """The reference label map of `case` (SamplanError when missing), or None for a prompts file."""
         if self.reference_dir is None:

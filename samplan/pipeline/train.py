@@ -38,12 +38,14 @@ def train_fold(
     final_validation: bool = True,
     precision: str = "auto",
     method_overrides: dict[str, Any] | None = None,
+    save_probabilities: bool = False,
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
     `only_validate` runs only the final validation of checkpoint_final; `final_validation=False` skips it after
     training. `precision`: auto|fp32|bf16|fp16 autocast (samplan.devices). `method_overrides`: keys merged into the
-    method's plan section (samplan.training.trainer.prepare_fold). A method without training gets its model folder
+    method's plan section (samplan.training.trainer.prepare_fold). `save_probabilities`: the final validation also
+    writes {case}.npz probabilities in the original geometry (for ensembles). A method without training gets its model folder
     (samplan.training.trainer.write_untrained_fold). The other arguments: samplan.training.trainer.train.
     """
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
@@ -58,7 +60,7 @@ def train_fold(
                        continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
                        num_workers=num_workers, precision=precision)
     if final_validation or only_validate:
-        run_final_validation(s, dev, logger, precision)
+        run_final_validation(s, dev, logger, precision, save_probabilities)
     return s.fold_dir
 
 
@@ -74,15 +76,15 @@ def validation_images(s: FoldSetup) -> dict[str, list[Path]]:
     return {c: images[c] for c in s.val_ids}
 
 
-def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger,
-                         precision: str = "auto") -> dict[str, Any]:
+def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger, precision: str = "auto",
+                         save_probabilities: bool = False) -> dict[str, Any]:
     """Predict the fold's validation cases from the raw images with checkpoint_final, evaluate them against
     gt_segmentations into fold_k/validation/summary.json and log the real Dice next to the last pseudo Dice."""
     ending = s.dataset_json["file_ending"]
     images = validation_images(s)
     out_dir = s.fold_dir / "validation"
     if out_dir.is_dir():  # predictions of another split must not enter this evaluation
-        for old in [*out_dir.glob(f"*{ending}"), out_dir / "summary.json"]:
+        for old in [*out_dir.glob(f"*{ending}"), *out_dir.glob("*.npz"), out_dir / "summary.json"]:
             old.unlink(missing_ok=True)
     t0 = time.perf_counter()
     strategy = s.method.validation_prompt_strategy(s.mp)
@@ -91,7 +93,7 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
     predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=True,
                                          progress=False, precision=precision, prompt_source=source)
     # a preprocessing thread (num_processes=0) overlaps the network work at no process start-up cost
-    predictor.predict_cases(images, out_dir, overwrite=True, num_processes=0)
+    predictor.predict_cases(images, out_dir, save_probabilities=save_probabilities, overwrite=True, num_processes=0)
     targets, ignore, _ = dataset_settings(str(s.model_dir / "dataset.json"))
     summary = evaluate_folders(s.preprocessed_dir / "gt_segmentations", out_dir, targets, ending,
                                output_file=out_dir / "summary.json", ignore_label=ignore,

@@ -49,17 +49,30 @@ class CasePrompts:
 class ReferencePromptSettings:
     """How a method's prompts come from reference label maps: the strategy a run uses when none is given, which
     label values share one SAM call (`label_groups`, painted with the group's first value; None = one call per value
-    found), and for the "oracle" strategy whether to give the positive points, the negative point and the union box."""
+    found), for the "oracle" strategy whether to give the positive points, the negative point and the union box, and
+    for prompts from a model's label maps what each connected component gives."""
 
     strategy: str = "oracle"
     label_groups: list[list[int]] | None = None
     points: bool = True
     negative_point: bool = True
     box: bool = False
+    # prompts from a segmentation model's label maps (samplan.prompts.from_labels): what each component gives
+    # ("box", "points" or "box+points", with the negative point when `negative_point`), and how much each box grows,
+    # as a fraction of the slice's longer side (the method's margin at its input size)
+    model_prompt: str = "box"
+    box_margin: float = 0.0
 
 
 def _no_points() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, 2), np.float64), np.zeros((0,), np.int64)
+
+
+def label_map_and_groups(seg: np.ndarray, settings: ReferencePromptSettings) -> tuple[np.ndarray, list[list[int]]]:
+    """The label map as `(Z, Y, X)` and its label groups: the settings', else one group per value found."""
+    seg = np.asarray(seg)
+    seg = seg[0] if seg.ndim == 4 else seg
+    return seg, [list(map(int, g)) for g in settings.label_groups or [[v] for v in np.unique(seg) if v > 0]]
 
 
 def reference_prompts(case: str, seg: np.ndarray, strategy: str,
@@ -71,9 +84,7 @@ def reference_prompts(case: str, seg: np.ndarray, strategy: str,
     """
     if strategy not in REFERENCE_STRATEGIES:
         raise SamplanError(f"unknown prompt strategy {strategy!r}; use one of {', '.join(REFERENCE_STRATEGIES)}.")
-    seg = np.asarray(seg)
-    seg = seg[0] if seg.ndim == 4 else seg
-    groups = [list(map(int, g)) for g in settings.label_groups or [[v] for v in np.unique(seg) if v > 0]]
+    seg, groups = label_map_and_groups(seg, settings)
     out: list[GridPrompt] = []
     for group in groups:
         paint = group[0]

@@ -84,10 +84,14 @@ class MedSAMMethod(TrainableMethod):
         return "propagate" if mp.section.box_policy.name == "reference_jitter" else None
 
     def reference_prompt_settings(self, mp: MethodPlan) -> "ReferencePromptSettings":
-        """Boxes from reference label maps: one per planned label group, propagated by default."""
+        """Boxes from label maps: one per planned label group, propagated by default; from a first-stage model's label
+        maps one box per component, grown by the propagation margin (half the training jitter)."""
+        from samplan.methods.medsam.predict import propagation_margin
         from samplan.prompts.case_prompts import ReferencePromptSettings
 
-        return ReferencePromptSettings(strategy="propagate", label_groups=[list(g) for g in mp.section.prompt.label_groups])
+        s = mp.section
+        return ReferencePromptSettings(strategy="propagate", label_groups=[list(g) for g in s.prompt.label_groups],
+                                       model_prompt="box", box_margin=propagation_margin(s) / s.input_size)
 
     def predict_logits(self, network: "nn.Module", data: "torch.Tensor", mp: MethodPlan,
                        context: PredictionContext) -> "torch.Tensor":

@@ -32,10 +32,11 @@ NEEDS_BOXES = ("this medsam model was trained with reference boxes (box policy r
 
 @dataclass(frozen=True)
 class OutputBoxes:
-    """The boxes of one foreground output: `each` = predict exactly these slices with their boxes; else propagate
-    from every key slice (largest box first) up and down, never overwriting a slice that has its own box."""
+    """The boxes of one foreground output per slice: `each` = predict exactly these slices with their boxes (several
+    boxes on a slice, e.g. one per connected component, give the union of their masks); else propagate from every key
+    slice (largest box first) up and down, never overwriting a slice that has its own box."""
 
-    boxes: dict[int, np.ndarray]
+    boxes: dict[int, list[np.ndarray]]
     each: bool
 
 
@@ -47,8 +48,9 @@ def label_groups(section: MedSAMSection, n_fg: int) -> list[list[int]]:
 def boxes_from_prompts(prompts: CasePrompts, n_fg: int, section: MedSAMSection) -> dict[int, OutputBoxes]:
     """Per foreground output, the boxes of a case's prompts.
 
-    Strategy "box" (a reference box on every slice) predicts exactly those slices; "propagate" and a prompts file
-    propagate from their boxes. medsam is box-prompted: a prompt without a box is an error, as is a label value that
+    Strategies "box" (a reference box on every slice) and "model" (boxes from a first-stage model's label maps)
+    predict exactly those slices; "propagate" and a prompts file propagate from their boxes (the last box given on a
+    slice is its key). medsam is box-prompted: a prompt without a box is an error, as is a label value that
     is not one of the model's outputs.
     """
     if section.regions:
@@ -58,7 +60,7 @@ def boxes_from_prompts(prompts: CasePrompts, n_fg: int, section: MedSAMSection) 
     else:
         to_output = {v: v - 1 for v in range(1, n_fg + 1)}
         what = f"a foreground label value 1..{n_fg}"
-    out: dict[int, dict[int, np.ndarray]] = {}
+    out: dict[int, dict[int, list[np.ndarray]]] = {}
     for p in prompts.prompts:
         if p.box is None:
             raise SamplanError(f"case {prompts.case}: medsam takes box prompts, but the prompt on slice {p.slice} (label "
@@ -66,8 +68,8 @@ def boxes_from_prompts(prompts: CasePrompts, n_fg: int, section: MedSAMSection) 
         if p.label not in to_output:
             raise SamplanError(f"case {prompts.case}: prompt label {p.label} on slice {p.slice} is not a medsam output; "
                                f"use {what}.")
-        out.setdefault(to_output[p.label], {})[int(p.slice)] = np.asarray(p.box, np.float64)
-    return {k: OutputBoxes(b, each=prompts.strategy == "box") for k, b in out.items()}
+        out.setdefault(to_output[p.label], {}).setdefault(int(p.slice), []).append(np.asarray(p.box, np.float64))
+    return {k: OutputBoxes(b, each=prompts.strategy in ("box", "model")) for k, b in out.items()}
 
 
 def propagation_margin(section: MedSAMSection) -> float:
@@ -165,10 +167,12 @@ def _predict_boxed(dec: SliceDecoder, fg: torch.Tensor, per_output: dict[int, Ou
             fg[k, i] = dec.logits(dec.embedding(i), [box])[0]
             return fg[k, i].numpy() > 0
         if ob.each:
-            for i, box in ob.boxes.items():
-                predict_slice(i, box)
+            for i, boxes in ob.boxes.items():  # one decoder call for all boxes of the slice, masks merged by maximum
+                emb = dec.embedding(i)
+                fg[k, i] = dec.logits(emb.expand(len(boxes), *emb.shape[1:]), boxes).amax(0)
         else:
-            propagate_from_keys(fg.shape[1], ob.boxes, dec.shape, predict_slice, margin=margin / dec.scale)
+            keys = {i: boxes[-1] for i, boxes in ob.boxes.items()}
+            propagate_from_keys(fg.shape[1], keys, dec.shape, predict_slice, margin=margin / dec.scale)
 
 
 def predict_case(network: nn.Module, data: torch.Tensor, section: MedSAMSection, device: torch.device, *,

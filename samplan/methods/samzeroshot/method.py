@@ -54,12 +54,17 @@ class SAMZeroShotMethod(PromptedMethod):
         return initialize_samzeroshot(network, mp.section)
 
     def reference_prompt_settings(self, mp: MethodPlan) -> "ReferencePromptSettings":
-        """The planned default strategy, oracle points / negative point / box, and label groups."""
+        """The planned default strategy, oracle points / negative point / box, label groups, and what a first-stage
+        model's components give (boxes grown by the propagation margin)."""
+        from samplan.methods.samzeroshot.predict import propagation_margin_px
         from samplan.prompts.case_prompts import ReferencePromptSettings
 
-        p = mp.section.prompt
+        s = mp.section
+        p = s.prompt
+        margin = propagation_margin_px(s, s.input_size, s.input_size) / s.input_size
         return ReferencePromptSettings(strategy=p.strategy, label_groups=[list(g) for g in p.label_groups],
-                                       points=p.points, negative_point=p.negative_point, box=p.box)
+                                       points=p.points, negative_point=p.negative_point, box=p.box,
+                                       model_prompt=p.from_model, box_margin=margin)
 
     def predict_logits(self, network: "nn.Module", data: "torch.Tensor", mp: MethodPlan,
                        context: PredictionContext) -> "torch.Tensor":
