@@ -94,3 +94,11 @@ def parse_model_dir_name(name: str) -> tuple[str, str, str] | None:
     """(method, plans_name, configuration) from a model folder name, or None if it is not one."""
     parts = name.split("__")
     return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+FIND_BEST_DIR = "find_best"  # samplan_find_best's folder inside a dataset's results folder
+
+
+def find_best_dir(dataset_name: str) -> Path:
+    """Where samplan_find_best keeps its cascades, ensembles and find_best.json for a dataset."""
+    return results_root() / dataset_name / FIND_BEST_DIR

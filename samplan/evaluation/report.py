@@ -17,11 +17,9 @@ import numpy as np
 
 from samplan.dataset.image_io import read_images, read_seg
 from samplan.errors import SamplanError
-from samplan.paths import preprocessed_root, raw_root, resolve_dataset_name, results_root
+from samplan.paths import find_best_dir, preprocessed_root, raw_root, resolve_dataset_name
 from samplan.utils import atomic_path, load_json
 
-# samplan.pipeline.candidates.FIND_BEST_DIR; pipeline is a layer above evaluation and may not be imported here
-FIND_BEST_DIR = "find_best"
 MAX_OVERLAY_CANDIDATES = 12  # 2 PNGs each: keeps the page a few MB even for datasets with many candidates
 MAX_BOX_CANDIDATES = 40  # more boxes than this no longer fit a readable figure
 DPI = 80
@@ -387,7 +385,7 @@ most reference foreground; {legend}.</p>{_more(MAX_OVERLAY_CANDIDATES, len(candi
 def write_report(dataset: str | int, output: str | Path | None = None) -> Path:
     """Write the HTML report of find_best.json (default find_best/report.html beside it); returns its path."""
     name = resolve_dataset_name(dataset)
-    source = results_root() / name / FIND_BEST_DIR / "find_best.json"
+    source = find_best_dir(name) / "find_best.json"
     report = load_find_best(source, dataset)
     # the preprocessed dataset.json is what find_best used; the raw one serves when the cache was deleted
     metas = (_read_json(root() / name / "dataset.json") for root in (preprocessed_root, raw_root))

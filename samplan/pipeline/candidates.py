@@ -16,10 +16,9 @@ from typing import Any
 
 from samplan.inference.model_selection import TrainedModel, list_trained_models
 from samplan.methods import get_method
-from samplan.paths import results_root
+from samplan.paths import find_best_dir
 from samplan.utils import load_json, save_json
 
-FIND_BEST_DIR = "find_best"
 
 
 @dataclass
@@ -95,7 +94,7 @@ def cascade_members(singles: list[Member], prompted: list[TrainedModel],
             folds = [f for f in first.folders if f in second.folds or (untrained and "all" in second.folds)]
             if not folds:
                 continue
-            where = (results_root() / second.dataset_name / FIND_BEST_DIR / "cascades" /
+            where = (find_best_dir(second.dataset_name) / "cascades" /
                      f"{second.method}__{second.configuration}__from__{first.model.method}__{first.model.configuration}")
             out.append(Member(f"{model_name(second)} <- {first.name}", "cascade", second, first,
                               {f: where / f"fold_{f}" for f in folds}))

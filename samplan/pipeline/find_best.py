@@ -25,8 +25,8 @@ from samplan.evaluation.metrics import confusion_counts
 from samplan.inference.ensemble import ensemble_folders
 from samplan.inference.export import case_stem
 from samplan.inference.postprocessing import postprocess, postprocess_folder
-from samplan.paths import preprocessed_root, resolve_dataset_name, results_root
-from samplan.pipeline.candidates import (FIND_BEST_DIR, Member, cascade_members, gather, needs_run,
+from samplan.paths import find_best_dir, preprocessed_root, resolve_dataset_name, results_root
+from samplan.pipeline.candidates import (Member, cascade_members, gather, needs_run,
                                          run_cascade_validation, run_single_validation)
 from samplan.utils import load_json, save_json
 
@@ -139,7 +139,7 @@ def find_best(dataset: str | int, methods: Sequence[str] | None = None, folds: S
     `cascade_on`: the first stages of the cascades ("method" or "method:configuration"; default every single model).
     """
     name = resolve_dataset_name(dataset)
-    root = results_root() / name / FIND_BEST_DIR
+    root = find_best_dir(name)
     targets, ignore, ending = dataset_settings(name)
     gt_dir = preprocessed_root() / name / "gt_segmentations"
     dataset_json = load_json(preprocessed_root() / name / "dataset.json")
