@@ -75,9 +75,8 @@ def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Properti
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode == "P" and label:
-                pass  # palette masks (VOC style): the pixel values are the label indices, not the colours
-            elif mode in ("RGBA", "LA", "P"):
+            # palette masks (VOC style) stay as they are: their pixel values are the label indices, not the colours
+            if mode in ("RGBA", "LA") or (mode == "P" and not label):
                 im = im.convert("RGB" if mode != "LA" else "L")
             elif mode == "I;16":
                 im = im.convert("I")

@@ -15,14 +15,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from samplan.errors import SamplanError
-from samplan.inference.prompted import PromptSource
 from samplan.prompts.case_prompts import PROMPTS_RECORD, CasePrompts, ReferencePromptSettings
 from samplan.prompts.from_labels import model_prompts
 from samplan.utils import save_json
 
 
-class ModelPromptSource(PromptSource):
-    """A PromptSource whose label maps are a first-stage model's predictions.
+class ModelPromptSource:
+    """A prompt source (the protocol of samplan.inference.prompted.PromptSource, which the predictor calls) whose
+    label maps are a first-stage model's predictions.
 
     `description`: what made them (method, configuration, folds, model folder), recorded with the prompts;
     `first_stage`: a Predictor that writes the missing ones into `predictions_dir` (None: they must exist).
@@ -30,27 +30,19 @@ class ModelPromptSource(PromptSource):
 
     def __init__(self, predictions_dir: str | Path, description: Mapping[str, Any], *, first_stage: Any = None,
                  file_ending: str = ".nii.gz", embedding_cache: Any = None):
-        self.prompts_file = None
         self.reference_dir = Path(predictions_dir)
-        self.strategy = "model"
         self.description = dict(description)
         self.first_stage = first_stage
         self.file_ending = file_ending
         self.embedding_cache = embedding_cache
         self.settings = ReferencePromptSettings()
         self.cases: list[str] = []
-        self._entries = None
         if first_stage is None and not self.reference_dir.is_dir():
             raise SamplanError(f"first-stage predictions {self.reference_dir} do not exist; predict them first (or name "
                                "the first-stage model with --prompts-from).")
 
-    @property
-    def oracle(self) -> bool:
-        """Never: the label maps are a model's prediction."""
-        return False
-
     def use_settings(self, settings: ReferencePromptSettings) -> None:
-        """The method's label groups, prompt kind and box margin (the strategy stays "model")."""
+        """The method's label groups, prompt kind and box margin."""
         self.settings = settings
 
     def prepare(self, cases: Mapping[str, Sequence[Path]]) -> None:

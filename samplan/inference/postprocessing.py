@@ -1,7 +1,7 @@
 """Post-processing of label maps: keep only the largest connected component of chosen labels (nnU-Net's rule).
 
 Which labels are post-processed is decided on cross-validation results (samplan.pipeline.find_best): only where it
-does not lower the label's mean Dice. Components are 26-connected in 3D (8 in 2D), from scipy.ndimage.
+does not lower the label's mean Dice. Components are 26-connected in 3D (8 in 2D): samplan.engine.components.
 """
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from samplan.dataset.image_io import read_seg, write_seg
+from samplan.engine.components import keep_largest_component as largest_component
 
 
 def keep_largest_component(seg: np.ndarray, label: int) -> np.ndarray:
     """`seg` with every component of `label` but the largest set to background (0)."""
     mask = seg == label
-    comps, n = ndimage.label(mask, structure=np.ones((3,) * seg.ndim, dtype=bool))
-    if n <= 1:
+    removed = mask & ~largest_component(mask)
+    if not removed.any():
         return seg
-    sizes = np.bincount(comps.ravel())[1:]
     out = seg.copy()
-    out[mask & (comps != int(np.argmax(sizes)) + 1)] = 0
+    out[removed] = 0
     return out
 
 

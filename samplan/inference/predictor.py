@@ -28,7 +28,7 @@ from samplan.devices import autocast, autocast_dtype, resolve_device
 from samplan.inference.export import export_prediction, logits_to_label_map
 from samplan.inference.model_selection import available_folds, check_case_channels, load_model_files
 from samplan.methods import get_method
-from samplan.methods.base import Method, PredictionContext
+from samplan.methods.base import Method, MethodPlan, PredictionContext
 from samplan.models.checkpoint import load_checkpoint, plain_state_dict
 from samplan.parallel import _call
 from samplan.preprocessing.preprocessor import configuration_plan, preprocess_case, preprocess_case_files
@@ -46,7 +46,8 @@ class Predictor:
     used for mirroring TTA (default: all of them); `tta=False` disables it. `prompt_source` (prompted methods,
     see samplan.inference.prompted): per case, a reference label map preprocessed with the image and the
     case's prompts (and the embedding cache) for the method's PredictionContext; None for every other method.
-    The plans are checked by the method (`check_plan`) once, here; `plans_file` names them in its errors.
+    The plans are checked by the method (`check_plan`) here, unless the caller did (`method_plan`); `plans_file`
+    names them in its errors.
     """
 
     def __init__(
@@ -66,9 +67,10 @@ class Predictor:
         precision: str = "auto",
         prompt_source: Any = None,
         plans_file: str | Path = "plans.json",
+        method_plan: MethodPlan | None = None,
     ):
         self.method = method
-        self.mp = method.check_plan(plans, configuration, plans_file=plans_file)
+        self.mp = method_plan or method.check_plan(plans, configuration, plans_file=plans_file)
         self.prompt_source = prompt_source
         if prompt_source is not None:  # the method's label groups and default strategy for reference prompts
             prompt_source.use_settings(method.reference_prompt_settings(self.mp))
@@ -132,7 +134,7 @@ class Predictor:
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
                    device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision,
-                   prompt_source=prompt_source, plans_file=model_dir / "plans.json")
+                   prompt_source=prompt_source, method_plan=mp)
 
     # ------------------------------------------------------------------------------------------- network
 

@@ -22,12 +22,13 @@ def _slug(name: str) -> str:
     return name.replace(" <- ", "_from_").replace(" ", "_").replace("/", "_")
 
 
-def commands(dataset_name: str, members: Sequence[Any], postprocessing: Sequence[int], folds: Sequence[str]) -> list[str]:
-    """`samplan_predict --best`, then what it amounts to, member by member (as shell comments)."""
+def commands(dataset_name: str, members: Sequence[dict[str, Any]], postprocessing: Sequence[int],
+             folds: Sequence[str]) -> list[str]:
+    """`samplan_predict --best`, then what it amounts to, member by member (as shell comments); `members` as
+    find_best describes them."""
     out = [f"samplan_predict -d {dataset_name} --best -i INPUT_DIR -o OUTPUT_DIR"]
     ensemble = len(members) > 1
-    for m in members:
-        d = m.describe() if hasattr(m, "describe") else m
+    for d in members:
         own = folds if all(f in _trained_folds(Path(d["model_dir"])) for f in folds) else ["all"]
         cmd = (f"# = samplan_predict -d {dataset_name} -m {d['method']} -c {d['configuration']} -f {' '.join(own)} "
                f"-i INPUT_DIR -o OUTPUT_DIR/members/{_slug(d['name'])}")
@@ -64,6 +65,7 @@ def _member_predictor(d: dict[str, Any], folds: list[str], output_dir: Path, dev
         fs = d["first_stage"]
         stage = Predictor.from_model_dir(fs["model_dir"], folds=folds, device=device, tta=tta, precision=precision)
         ending = load_json(model_dir / "dataset.json")["file_ending"]
+        # the first stage writes where it would as a member of its own: an ensemble holding it predicts it once
         source = ModelPromptSource(output_dir / "members" / _slug(fs["name"]),
                                    {"method": fs["method"], "configuration": fs["configuration"], "folds": folds,
                                     "model_dir": fs["model_dir"]}, first_stage=stage, file_ending=ending,

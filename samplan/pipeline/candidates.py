@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samplan.inference.export import case_stem
 from samplan.inference.model_selection import TrainedModel, list_trained_models
 from samplan.methods import get_method
 from samplan.paths import find_best_dir
@@ -114,13 +115,7 @@ def needs_run(member: Member, fold: str, with_probabilities: bool) -> bool:
     if not with_probabilities:
         return False
     cases = [r["prediction_file"] for r in load_json(folder / "summary.json")["metric_per_case"]]
-    return any(not (folder / f"{_case_of(Path(c))}.npz").is_file() for c in cases)
-
-
-def _case_of(path: Path) -> str:
-    from samplan.inference.export import case_stem
-
-    return case_stem(path)
+    return any(not (folder / f"{case_stem(c)}.npz").is_file() for c in cases)
 
 
 def run_single_validation(member: Member, fold: str, device: str = "auto") -> None:
@@ -148,7 +143,7 @@ def run_cascade_validation(member: Member, fold: str, device: str = "auto", prog
     dataset_json = load_json(second.path / "dataset.json")
     ending = dataset_json["file_ending"]
     first_dir = first.folders[fold]
-    cases = sorted(_case_of(p) for p in first_dir.glob(f"*{ending}"))
+    cases = sorted(case_stem(p) for p in first_dir.glob(f"*{ending}"))
     images = group_images_by_case(raw_root() / second.dataset_name / "imagesTr", ending)
     source = ModelPromptSource(first_dir, {**first.describe(), "folds": [fold], "validation_of_fold": fold},
                                file_ending=ending, embedding_cache=EmbeddingCache(second.path / "embedding_cache"))

@@ -21,16 +21,16 @@ from samplan.dataset.image_io import read_seg
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
 from samplan.evaluation.evaluate import dataset_settings, evaluate_folders, nan_to_none, summarize
-from samplan.evaluation.metrics import confusion_counts
+from samplan.evaluation.metrics import confusion_counts, label_key
 from samplan.inference.ensemble import ensemble_folders
 from samplan.inference.export import case_stem
 from samplan.inference.postprocessing import postprocess, postprocess_folder
 from samplan.paths import find_best_dir, preprocessed_root, resolve_dataset_name, results_root
+from samplan.pipeline.best_prediction import INSTRUCTIONS, commands
 from samplan.pipeline.candidates import (Member, cascade_members, gather, needs_run,
                                          run_cascade_validation, run_single_validation)
 from samplan.utils import load_json, save_json
 
-INSTRUCTIONS = "inference_instructions.json"
 
 
 @dataclass
@@ -72,9 +72,10 @@ def _summary_cases(folder: Path, fold: str) -> list[dict[str, Any]]:
 
 def score(folders: dict[str, Path], label_keys: list[str]) -> dict[str, Any]:
     """Mean metrics per label over every case of the folds, the foreground mean, and the foreground Dice per fold."""
-    per_case = [c for f, d in folders.items() for c in _summary_cases(d, f)]
+    by_fold = {f: _summary_cases(d, f) for f, d in folders.items()}  # each summary.json read once
+    per_case = [c for cases in by_fold.values() for c in cases]
     mean, fg = summarize(per_case, label_keys)
-    per_fold = {f: summarize(_summary_cases(d, f), label_keys)[1].get("Dice") for f, d in folders.items()}
+    per_fold = {f: summarize(cases, label_keys)[1].get("Dice") for f, cases in by_fold.items()}
     slim = [{"fold": c["fold"], "case": c["case"],
              "metrics": {k: {m: v.get(m) for m in ("Dice", "HD95", "NSD")} for k, v in c["metrics"].items()}}
             for c in per_case]
@@ -168,7 +169,7 @@ def find_best(dataset: str | int, methods: Sequence[str] | None = None, folds: S
     candidates = [Candidate(m.name, m.kind, [m], {f: m.folders[f] for f in folds}) for m in kept]
     candidates += ensembles(kept, folds, root, label_manager, ending, progress)
     labels = [int(k) for k in label_manager.foreground_keys] if not label_manager.has_regions else []
-    keys = [str(t) if not isinstance(t, (list, tuple)) else str(tuple(t)) for t in targets]
+    keys = [label_key(t) for t in targets]
     scored = []
     for c in candidates:
         for folder in c.folders.values():
@@ -202,10 +203,8 @@ def _candidate_json(c: Candidate) -> dict[str, Any]:
 
 def write_instructions(dataset_name: str, best: Candidate, folds: list[str], report: dict[str, Any]) -> Path:
     """inference_instructions.json (what `samplan_predict --best` runs) and a readable .txt beside it."""
-    from samplan.pipeline.best_prediction import commands
-
     instructions = {"dataset": dataset_name, "folds": folds, "best": nan_to_none(_candidate_json(best) | {"per_case": None}),
-                    "commands": commands(dataset_name, best.members, best.postprocessing, folds)}
+                    "commands": commands(dataset_name, [m.describe() for m in best.members], best.postprocessing, folds)}
     out = results_root() / dataset_name / INSTRUCTIONS
     save_json(instructions, out)
     out.with_suffix(".txt").write_text(instructions_text(report, instructions))

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from samplan.dataset.labels import LabelManager
@@ -32,6 +31,7 @@ from samplan.models.specs import backbone_spec
 from samplan.models.unetr_decoder import SAMUNETR, UNETRDecoder, feature_block_indexes
 from samplan.models.weights import load_backbone_state, load_strict
 from samplan.engine.augmentation import slice_augmentation
+from samplan.engine.components import keep_largest_component
 from samplan.engine.dice_focal import DiceFocalLoss
 from samplan.engine.optim import make_optimizer, make_schedule
 from samplan.engine.recipe import TrainingRecipe
@@ -108,15 +108,6 @@ def samunetr_recipe(section: SAMUNETRSection, cfg: Mapping[str, Any], label_mana
         mirror_axes=tuple(aug["mirror_axes"]),
         grad_clip=r.grad_clip,
     )
-
-
-def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) or (Z, Y, X) mask -> the mask of its largest connected component (full connectivity)."""
-    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 def largest_component_logits(output: torch.Tensor, has_regions: bool) -> torch.Tensor:

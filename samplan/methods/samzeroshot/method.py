@@ -56,12 +56,12 @@ class SAMZeroShotMethod(PromptedMethod):
     def reference_prompt_settings(self, mp: MethodPlan) -> "ReferencePromptSettings":
         """The planned default strategy, oracle points / negative point / box, label groups, and what a first-stage
         model's components give (boxes grown by the propagation margin)."""
-        from samplan.methods.samzeroshot.predict import propagation_margin_px
+        from samplan.methods.samzeroshot.predict import margin_input_px
         from samplan.prompts.case_prompts import ReferencePromptSettings
 
         s = mp.section
         p = s.prompt
-        margin = propagation_margin_px(s, s.input_size, s.input_size) / s.input_size
+        margin = margin_input_px(s) / s.input_size
         return ReferencePromptSettings(strategy=p.strategy, label_groups=[list(g) for g in p.label_groups],
                                        points=p.points, negative_point=p.negative_point, box=p.box,
                                        model_prompt=p.from_model, box_margin=margin)

@@ -84,13 +84,16 @@ def decode(network: nn.Module, embedding: torch.Tensor, points: np.ndarray, poin
     return logits_to_slice(lo, size, longest_side_shape(*shape, size), shape)[0, 0].cpu()
 
 
+def margin_input_px(section: SAMZeroShotSection) -> float:
+    """Encoder-input pixels added around a propagated (or first-stage) box: the section's `propagation_margin_px`,
+    else LiteMedSAM's rule at the section's input size."""
+    margin = section.propagation_margin_px
+    return litemedsam_margin_px(int(section.input_size)) if margin is None else float(margin)
+
+
 def propagation_margin_px(section: SAMZeroShotSection, h: int, w: int) -> float:
-    """Slice pixels added around each propagated box: LiteMedSAM's rule at any backbone's input size, unless the
-    section's `propagation_margin_px` (input pixels) says otherwise."""
-    size = int(section.input_size)
-    margin_input = section.propagation_margin_px
-    margin_input = litemedsam_margin_px(size) if margin_input is None else float(margin_input)
-    return margin_input * max(h, w) / size
+    """`margin_input_px` as pixels of an `(h, w)` slice."""
+    return margin_input_px(section) * max(h, w) / int(section.input_size)
 
 
 def predict_case(network: nn.Module, data: torch.Tensor, section: SAMZeroShotSection, device: torch.device,
