@@ -29,6 +29,7 @@ from samplan.utils import load_json
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_vit", "checkpoint": "none", "batch_size": 2}
+PROMISE_TINY = {**TINY, "apm": {"conv_channels": 8, "resnet_layers": [1, 1, 1, 1]}, "ips": {"hidden": 16}}
 # (dataset, method, configuration, overrides of the section)
 SCENARIOS = [
     ("3d", "unet", "3d_fullres", {}),
@@ -46,8 +47,11 @@ SCENARIOS = [
     ("hippocampus", "samunetr", "2d", TINY),
     ("hippocampus", "medsam", "2d", TINY),
     ("hippocampus", "samzeroshot", "2d", {"backbone": "tiny_vit", "checkpoint": "none"}),
+    ("3d", "promise", "2d", PROMISE_TINY),
+    ("png", "promise", "2d", {**PROMISE_TINY, "mode": "ips_oracle", "image_augmentation": True}),
+    ("hippocampus", "promise", "2d", {**PROMISE_TINY, "backbone": "tiny_litemedsam", "mode": "apm"}),
 ]
-METHODS = ("unet", "samunetr", "medsam", "samzeroshot")
+METHODS = ("unet", "samunetr", "medsam", "samzeroshot", "promise")
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +106,14 @@ def _exercise(method_name: str, plans: dict, dataset_json: dict, pre, configurat
         opt = recipe.make_optimizer(net.parameters())
         recipe.make_scheduler(opt, recipe.num_epochs)
         net.train()
-        method.train_step(net, _batch(PatchLoader(cache, cases, recipe, lm, train=True, seed=0, num_workers=0)),
-                          recipe, opt, torch.device("cpu"), mp)
+        def loader(train: bool) -> Any:  # the method's own loader, else the trainer's patch loader
+            own = method.training_loader(mp, cache, cases, recipe, lm, train=train, seed=0)
+            return own if own is not None else PatchLoader(cache, cases, recipe, lm, train=train, seed=0, num_workers=0)
+
+        method.train_step(net, _batch(loader(True)), recipe, opt, torch.device("cpu"), mp)
         net.eval()
         with torch.no_grad():
-            method.validation_step(net, _batch(PatchLoader(cache, cases, recipe, lm, train=False, seed=0,
-                                                           num_workers=0)), recipe, torch.device("cpu"), lm, mp)
+            method.validation_step(net, _batch(loader(False)), recipe, torch.device("cpu"), lm, mp)
     data, seg, _ = open_case(cache, cases[0])
     data, seg = torch.from_numpy(np.asarray(data[:])), np.asarray(seg[:])[0]
     seg = np.where(seg < 0, 0, seg)
@@ -115,7 +121,7 @@ def _exercise(method_name: str, plans: dict, dataset_json: dict, pre, configurat
     net.eval()
     with torch.no_grad():
         method.predict_logits(net, data, mp,
-                              PredictionContext(torch.device("cpu"), prompts=prompts))
+                              PredictionContext(torch.device("cpu"), prompts=prompts, reference=seg))
 
 
 def _is_tag(cls: type, name: str) -> bool:

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from samplan.errors import DatasetError
 
 DatasetJson = dict[str, Any]
 # case id -> {"images": [channel files in channel order], "label": label file}
 CaseFiles = dict[str, dict[str, Any]]
+
+CASE_GROUPS_KEY = "case_groups"
+N_FOLDS = 5  # nnU-Net's cross-validation folds (samplan.training.splits.N_SPLITS, which lies above this layer)
+CASE_GROUPS_FORMS = ('a regular expression string whose first capture group (or whole match) names the group, e.g. '
+                     '"(seq\\\\d+)_" (backslashes doubled in JSON), or an object mapping group names to lists of case ids')
 
 
 def load_dataset_json(raw_dir: str | Path) -> DatasetJson:
@@ -111,3 +117,68 @@ def group_images_by_case(folder: str | Path, file_ending: str) -> dict[str, list
             f"{stray[0]}: input files must be named {{case}}_{{XXXX}}{file_ending} (XXXX = 4-digit channel index)."
         )
     return _channel_files(folder, file_ending)
+
+
+def read_case_groups(dataset_json: DatasetJson, case_ids: Sequence[str] | None, source: str | Path = "dataset.json",
+                     n_folds: int | None = N_FOLDS) -> dict[str, str] | None:
+    """Group name of each case in `case_ids` from the optional "case_groups" key (None when absent); DatasetError if bad.
+
+    `case_ids` None checks only the value itself; `n_folds` None skips the check that the groups can fill that many
+    folds (a user's splits_final.json is used then, so the groups never split anything).
+    """
+    if CASE_GROUPS_KEY not in dataset_json:
+        return None
+    value = dataset_json[CASE_GROUPS_KEY]
+    where = f"{source}: {CASE_GROUPS_KEY}"
+    if isinstance(value, str):
+        groups = _groups_from_pattern(value, case_ids or [], where)
+    elif isinstance(value, dict):
+        groups = _groups_from_mapping(value, case_ids, where)
+    else:
+        raise DatasetError(f"{where} is {type(value).__name__} {value!r}; it must be {CASE_GROUPS_FORMS}. "
+                           f"Fix the value, or remove the key to split case by case.")
+    if case_ids is not None and n_folds is not None and len(set(groups.values())) < n_folds:
+        raise DatasetError(f"{where} puts the {len(case_ids)} training case(s) into {len(set(groups.values()))} group(s), "
+                           f"fewer than the {n_folds} cross-validation folds. Use finer groups, remove the key, or put "
+                           "your own splits_final.json beside dataset.json.")
+    return groups
+
+
+def _groups_from_pattern(pattern: str, case_ids: Sequence[str], where: str) -> dict[str, str]:
+    """re.match each id: the first capture group, else the whole match; no match (or an empty name) is a group of its own."""
+    if not pattern:
+        raise DatasetError(f"{where} is an empty string; it must be {CASE_GROUPS_FORMS}.")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise DatasetError(f"{where} {pattern!r} is not a valid regular expression ({e}). Fix it (in JSON a "
+                           'backslash is written twice, e.g. "(seq\\\\d+)_"), or remove the key.') from None
+    out = {}
+    for c in case_ids:
+        m = rx.match(c)
+        name = (m.group(1) if rx.groups else m.group(0)) if m else None
+        # an optional capture group that took no part, or an empty match, would lump unrelated cases together
+        out[c] = name or c
+    return out
+
+
+def _groups_from_mapping(mapping: dict[str, Any], case_ids: Sequence[str] | None, where: str) -> dict[str, str]:
+    """Invert {group: [case ids]}: every listed case must exist and be in one group; unlisted cases are their own group."""
+    owner: dict[str, str] = {}
+    for g, members in mapping.items():
+        if not (isinstance(members, list) and all(isinstance(c, str) for c in members)):
+            raise DatasetError(f'{where}["{g}"] is {members!r}; each group must be a list of case ids (strings), '
+                               f'e.g. {{"{g}": ["case_001", "case_002"]}}.')
+        for c in members:
+            if owner.get(c, g) != g:
+                raise DatasetError(f'{where}: case "{c}" is in both group "{owner[c]}" and group "{g}"; a case belongs '
+                                   "to one group. Remove it from one of them.")
+            owner[c] = g
+    if case_ids is None:
+        return owner
+    unknown = sorted(set(owner) - set(case_ids))
+    if unknown:
+        listed = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        raise DatasetError(f"{where} names {len(unknown)} case(s) that are not training cases: {listed}. Correct the "
+                           "ids (case ids have no channel suffix or file ending) or remove them.")
+    return {c: owner.get(c, c) for c in case_ids}

@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from samplan.dataset.dataset_json import DatasetJson, label_values, load_dataset_json
+from samplan.dataset.dataset_json import N_FOLDS, DatasetJson, label_values, load_dataset_json, read_case_groups
 from samplan.dataset.image_io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, read_images, read_seg
 from samplan.errors import DatasetError, DatasetProblems
 from samplan.parallel import default_num_processes, map_cases
@@ -36,14 +36,15 @@ def verify_dataset(raw_dir: Path, num_processes: int | None = None) -> None:
     problems = cn_problems + label_problems + _check_other_keys(dj)
     ending = dj.get("file_ending")
     if not (isinstance(ending, str) and ending.lower() in SUPPORTED_ENDINGS):
-        raise DatasetProblems(str(raw_dir), problems)  # without a valid ending no file can be found
+        # without a valid ending no file can be found: check case_groups without the case ids
+        raise DatasetProblems(str(raw_dir), problems + _check_case_groups(dj, None, raw_dir))
     n_channels = None if cn_problems else len(dj["channel_names"])
     allowed = None if label_problems else label_values(dj)
     if "dataset" in dj:
         cases, file_problems, channels_ok = _collect_listed_cases(raw_dir, dj)
     else:
         cases, file_problems, channels_ok = _collect_folder_cases(raw_dir, ending, n_channels, dj.get("channel_names"))
-    problems += file_problems
+    problems += file_problems + _check_case_groups(dj, None if cases is None else sorted(cases), raw_dir)
     n_train = dj.get("numTraining")
     if _is_int(n_train) and cases is not None and n_train != len(cases):
         found = "the 'dataset' listing holds" if "dataset" in dj else f"labelsTr holds {ending} label files for"
@@ -154,6 +155,17 @@ def _check_other_keys(dj: DatasetJson) -> list[str]:
     out += [f"dataset.json: dataset['{case}'] must be {{\"images\": [file, ...], \"label\": file}} with paths relative to the "
             "dataset folder." for case, e in (listing.items() if isinstance(listing, dict) else ()) if not _entry_ok(e)]
     return out
+
+
+def _check_case_groups(dj: DatasetJson, case_ids: list[str] | None, raw_dir: Path) -> list[str]:
+    """The optional case_groups key (cross-validation groups), as the trainer will read it: at most one problem."""
+    # a user's splits_final.json replaces the grouped split, so then the groups need not fill 5 folds
+    n_folds = None if (raw_dir / "splits_final.json").is_file() else N_FOLDS
+    try:
+        read_case_groups(dj, case_ids, "dataset.json", n_folds=n_folds)
+    except DatasetError as e:
+        return [str(e)]
+    return []
 
 
 # ---------------------------------------------------------------- file listing

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samplan.experiment_planning.recipe_sections import SGD, AdamW, ConstantSchedule, Optimizer, PolySchedule, Schedule
+from samplan.experiment_planning.recipe_sections import SGD, Adam, AdamW, ConstantSchedule, Optimizer, PolySchedule, Schedule
 
 
 class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -74,6 +74,9 @@ def make_optimizer(section: Optimizer) -> Callable[[Iterable[nn.Parameter]], tor
     if isinstance(section, AdamW):
         lr, wd = float(section.lr), float(section.weight_decay)
         return _trainable_only(lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
+    if isinstance(section, Adam):
+        lr, wd = float(section.lr), float(section.weight_decay)
+        return _trainable_only(lambda params: torch.optim.Adam(params, lr=lr, weight_decay=wd))
     raise ValueError(f"no optimiser for {section!r}")
 
 

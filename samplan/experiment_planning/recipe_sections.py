@@ -41,6 +41,16 @@ class AdamW(Optimizer):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Adam(Optimizer):
+    """Adam (L2 weight decay added to the gradients, as torch.optim.Adam) over the trainable parameters only."""
+
+    TAG: ClassVar[str] = "Adam"
+    name: Literal["Adam"]
+    lr: float
+    weight_decay: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Schedule(PlanSection):
     """A learning-rate schedule, stepped once per epoch, by "name"."""
 

@@ -310,11 +310,12 @@ class Predictor:
         return {c: source.reference_file(c) for c in todo}
 
     def _predict_case(self, case: str, data: np.ndarray, ref: np.ndarray | None, props: dict[str, Any]) -> torch.Tensor:
-        """The logits of one preprocessed case, with its prompts when the run has a prompt source."""
-        prompts = None
+        """The logits of one preprocessed case, with its prompts and reference when the run has a prompt source."""
+        prompts, reference = None, None if ref is None else ref[0]
         if self.prompt_source is not None:
-            prompts = self.prompt_source.for_case(case, None if ref is None else ref[0], props, data.shape, self.plans)
-        return _call(partial(self.predict_logits, prompts=prompts), case, (data,))
+            prompts = self.prompt_source.for_case(case, reference, props, data.shape, self.plans)
+        # the reference label map too: a method may derive its own prompts from it (promise's ips_oracle)
+        return _call(partial(self.predict_logits, prompts=prompts, reference=reference), case, (data,))
 
     def predict_folder(
         self,

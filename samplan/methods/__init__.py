@@ -6,6 +6,7 @@ import difflib
 from samplan.errors import SamplanError
 from samplan.methods.base import Method
 from samplan.methods.medsam.method import MedSAMMethod
+from samplan.methods.promise.method import PromiseMethod
 from samplan.methods.samunetr.method import SAMUNETRMethod
 from samplan.methods.samzeroshot.method import SAMZeroShotMethod
 from samplan.methods.unet.method import UNetMethod
@@ -15,6 +16,7 @@ METHODS: dict[str, Method] = {
     "samunetr": SAMUNETRMethod(),
     "medsam": MedSAMMethod(),
     "samzeroshot": SAMZeroShotMethod(),
+    "promise": PromiseMethod(),
 }
 
 

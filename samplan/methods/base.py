@@ -169,6 +169,12 @@ class TrainableMethod(Method):
     def training_recipe(self, mp: MethodPlan, label_manager: "LabelManager") -> "TrainingRecipe":
         """Loss, optimiser, schedule, sampling and augmentation for the bound configuration, from the section."""
 
+    def training_loader(self, mp: MethodPlan, cache_dir: Path, case_ids: list[str], recipe: "TrainingRecipe",
+                        label_manager: "LabelManager", *, train: bool, seed: int) -> Any:
+        """A loader of the method's own (`epoch(e, n_batches)` yielding batches, and `close()`), or None for the
+        trainer's patch loader."""
+        return None
+
     def train_step(self, network: "nn.Module", batch: dict[str, Any], recipe: "TrainingRecipe",
                    optimizer: "torch.optim.Optimizer", device: "torch.device", mp: MethodPlan) -> dict[str, float]:
         """One optimiser step on `batch`; returns {"loss": float}."""

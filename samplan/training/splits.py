@@ -12,19 +12,22 @@ Where the splits come from, first match wins:
    folds of n // 5 cases with the first n % 5 folds one case larger).
 
 Grouped splitting (off by default): datasets whose cases come in near-duplicate groups (several frames
-of one video, several scans of one patient) leak between folds under a case-wise split. Pass
-`group_pattern`, a regular expression whose first capture group (or whole match when it has none),
-applied with `re.match` to a case id, names the case's group; a case it does not match forms its own
-group. Groups are then split like scikit-learn's GroupKFold(5, shuffle=True, random_state=12345):
-the sorted group names are shuffled and cut into 5 consecutive, nearly equal runs of groups, and a
-fold's validation cases are those of its groups. Example, CVC-ClinicDB (`seq01_frame001`, ...):
-`group_pattern=r"(seq\\d+)_"`.
+of one video, several scans of one patient) leak between folds under a case-wise split. The optional
+`case_groups` key of dataset.json names the groups (read and checked by
+samplan.dataset.dataset_json.read_case_groups): either a regular expression whose first capture group (or
+whole match when it has none), applied with `re.match` to a case id, names the case's group, or an object
+{group: [case ids]}; a case the pattern does not match, or the object does not list, forms its own group.
+Here `groups` is that pattern or the resulting {case: group} mapping. Groups are then split like
+scikit-learn's GroupKFold(5, shuffle=True, random_state=12345): the sorted group names are shuffled and
+cut into 5 consecutive, nearly equal runs of groups, and a fold's validation cases are those of its
+groups. Example, CVC-ClinicDB (`seq01_frame001`, ...): `"case_groups": "(seq\\\\d+)_"` in dataset.json,
+`groups=r"(seq\\d+)_"` here. Without groups the split is nnU-Net's KFold above, unchanged.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -71,21 +74,28 @@ def case_groups(case_ids: Sequence[str], group_pattern: str) -> list[str]:
     groups = []
     for c in case_ids:
         m = rx.match(c)
-        groups.append(c if m is None else (m.group(1) if rx.groups else m.group(0)))
+        name = (m.group(1) if rx.groups else m.group(0)) if m else None
+        groups.append(name or c)  # an empty or non-participating group must not lump unrelated cases together
     return groups
 
 
-def grouped_splits(case_ids: Sequence[str], group_pattern: str, n_splits: int = N_SPLITS, seed: int = SEED) -> Splits:
-    """Splits that never put two cases of one group in different folds (same result as sklearn's shuffled GroupKFold)."""
+def grouped_splits(case_ids: Sequence[str], groups: str | Mapping[str, str], n_splits: int = N_SPLITS,
+                   seed: int = SEED) -> Splits:
+    """Splits that never put two cases of one group in different folds (same result as sklearn's shuffled GroupKFold).
+
+    `groups`: a group pattern (see `case_groups`) or a {case: group} mapping (an unlisted case is its own group).
+    """
     ids = sorted(case_ids)
-    groups = np.array(case_groups(ids, group_pattern))
-    unique = np.unique(groups)
+    names = case_groups(ids, groups) if isinstance(groups, str) else [groups.get(c, c) for c in ids]
+    group_of = np.array(names)
+    unique = np.unique(group_of)
     if len(unique) < n_splits:
-        raise SamplanError(f"group pattern {group_pattern!r} gives {len(unique)} groups, fewer than {n_splits} folds")
+        what = f"group pattern {groups!r}" if isinstance(groups, str) else "the case groups"
+        raise SamplanError(f"{what} gives {len(unique)} groups, fewer than {n_splits} folds")
     shuffled = unique[np.random.RandomState(seed).permutation(len(unique))]
     splits = []
     for fold_groups in np.array_split(shuffled, n_splits):
-        in_val = np.isin(groups, fold_groups)
+        in_val = np.isin(group_of, fold_groups)
         splits.append({"train": [ids[i] for i in np.flatnonzero(~in_val)],
                        "val": [ids[i] for i in np.flatnonzero(in_val)]})
     return splits
@@ -112,9 +122,9 @@ def validate_splits(splits: Any, case_ids: Sequence[str], source: Path) -> Split
     return [{"train": list(f["train"]), "val": list(f["val"])} for f in splits]
 
 
-def _user_splits_file(preprocessed_dataset_dir: Path) -> Path | None:
+def user_splits_file(preprocessed_dataset_dir: str | Path) -> Path | None:
     """The user's splits file in the raw dataset folder of the same name, if there is one."""
-    f = raw_root() / preprocessed_dataset_dir.name / SPLITS_FILE
+    f = raw_root() / Path(preprocessed_dataset_dir).name / SPLITS_FILE
     return f if f.is_file() else None
 
 
@@ -127,29 +137,37 @@ def _load_splits_file(path: Path, case_ids: Sequence[str]) -> Splits:
     return validate_splits(data, case_ids, path)
 
 
-def get_splits(preprocessed_dataset_dir: str | Path, case_ids: Sequence[str], *, group_pattern: str | None = None) -> Splits:
+def get_splits(preprocessed_dataset_dir: str | Path, case_ids: Sequence[str], *,
+               groups: str | Mapping[str, str] | None = None, group_pattern: str | None = None) -> Splits:
     """The dataset's cross-validation splits (see the module docstring for where they come from).
 
-    `case_ids`: every training case in the preprocessed dataset. A generated split is written atomically
+    `case_ids`: every training case in the preprocessed dataset. `groups` (or the older `group_pattern`): a
+    group pattern or {case: group} mapping, for a grouped split. A generated split is written atomically
     to `<preprocessed_dataset_dir>/splits_final.json`; a user's raw-folder file is copied there.
     """
+    groups = groups if groups is not None else (group_pattern or None)  # an empty pattern meant "no grouping"
     out_dir = Path(preprocessed_dataset_dir)
     out_file = out_dir / SPLITS_FILE
-    user_file = _user_splits_file(out_dir)
+    user_file = user_splits_file(out_dir)
     if user_file is not None:
         splits = _load_splits_file(user_file, case_ids)
         save_json(splits, out_file)  # the preprocessed folder then holds the splits actually used
         return splits
-    generated = grouped_splits(case_ids, group_pattern) if group_pattern else None
     if out_file.is_file():
         existing = _load_splits_file(out_file, case_ids)
-        # a file equal to samplan's own ungrouped split was written before grouping was asked for: regroup it
-        if generated is None or existing == generated or existing != kfold_splits(case_ids):
+        # a file equal to samplan's own ungrouped split was written before grouping was asked for: regroup it;
+        # any other file (an earlier grouped split, or one the user put there) is used as it is
+        if groups is None or not _is_plain_split(existing, case_ids):
             return existing
-    splits = generated if generated is not None else kfold_splits(case_ids)
+    splits = grouped_splits(case_ids, groups) if groups is not None else kfold_splits(case_ids)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(splits, out_file)
     return splits
+
+
+def _is_plain_split(splits: Splits, case_ids: Sequence[str]) -> bool:
+    """True when `splits` is samplan's (nnU-Net's) case-wise KFold split of `case_ids`."""
+    return len(case_ids) >= N_SPLITS and splits == kfold_splits(case_ids)
 
 
 def fold_cases(splits: Splits, fold: int | str, case_ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from samplan.dataset.dataset_json import read_case_groups
 from samplan.dataset.labels import LabelManager
 from samplan.devices import autocast_dtype
 from samplan.engine.optim import derived_seed, seed_everything
@@ -77,8 +78,6 @@ def prepare_fold(dataset: str | int, method_name: str, configuration: str | None
     `method_overrides` (e.g. {"backbone": "tiny_vit", "checkpoint": "/path"} from --backbone/--checkpoint) are
     merged into plans["methods"][method]: the model folder's plans.json records them, so prediction uses them too.
     """
-    from samplan.training.splits import fold_cases, get_splits
-
     method = get_method(method_name)  # a typo is reported before anything else, with the available names
     if not isinstance(method, (TrainableMethod, PromptedMethod)):
         raise SamplanError(f"method {method_name!r} is planned but cannot be trained yet; trainable methods: "
@@ -101,12 +100,24 @@ def prepare_fold(dataset: str | int, method_name: str, configuration: str | None
     if missing:
         raise SamplanError(f"{len(missing)} case(s) are not preprocessed in {cache_dir} (e.g. {missing[0]}); run "
                            f"samplan_plan_and_preprocess -d {name} -c {mp.configuration}.")
-    # fold "all" needs no splits (and works with fewer cases than folds)
-    train_ids, val_ids = (cases, cases) if str(fold) == "all" else fold_cases(get_splits(pre, cases), fold, cases)
+    train_ids, val_ids = fold_ids(pre, dataset_json, cases, fold)
     mdir = model_dir(name, method.name, mp.configuration, plans.get("plans_name", PLANS_NAME))
     fold = "all" if str(fold) == "all" else int(fold)
     return FoldSetup(name, pre, plans, dataset_json, method, mp, fold, LabelManager.from_dataset_json(dataset_json),
                      train_ids, val_ids, cache_dir, mdir, mdir / f"fold_{fold}", len(dataset_json["channel_names"]))
+
+
+def fold_ids(preprocessed_dir: Path, dataset_json: Mapping[str, Any], cases: list[str],
+             fold: int | str) -> tuple[list[str], list[str]]:
+    """`(train_ids, val_ids)` of `fold`: from the splits file, else a 5-fold split grouped by dataset.json's case_groups."""
+    from samplan.training.splits import N_SPLITS, fold_cases, get_splits, user_splits_file
+
+    if str(fold) == "all":  # needs no splits (and works with fewer cases than folds)
+        return list(cases), list(cases)
+    # the planner's copy of the raw dataset.json; a user's splits file wins, so its groups need not fill 5 folds
+    n_folds = None if user_splits_file(preprocessed_dir) else N_SPLITS
+    groups = read_case_groups(dataset_json, cases, preprocessed_dir / "dataset.json", n_folds=n_folds)
+    return fold_cases(get_splits(preprocessed_dir, cases, groups=groups), fold, cases)
 
 
 def copy_model_files(s: FoldSetup, continuing: bool) -> None:
@@ -317,13 +328,19 @@ def _validate_epoch(s: FoldSetup, run: Run, loader: Any, epoch: int, dev: torch.
     return (sum(losses) / len(losses) if losses else float("nan")), dice
 
 
+def _loader(s: FoldSetup, case_ids: list[str], recipe: TrainingRecipe, train: bool, seed: int, workers: int) -> Any:
+    """The method's own loader for the split, else the patch loader."""
+    own = s.method.training_loader(s.mp, s.cache_dir, case_ids, recipe, s.label_manager, train=train, seed=seed)
+    if own is not None:
+        return own
+    return make_loader(s.cache_dir, case_ids, recipe, s.label_manager, train=train, seed=seed, num_workers=workers)
+
+
 def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int) -> None:
     """Epochs start_epoch..num_epochs-1: train, validate on patches, log, checkpoint latest (and best)."""
     recipe, logger = run.recipe, run.logger
-    train_loader = make_loader(s.cache_dir, s.train_ids, recipe, s.label_manager, train=True,
-                               seed=derived_seed(run.seed, "train"), num_workers=workers)
-    val_loader = make_loader(s.cache_dir, s.val_ids, recipe, s.label_manager, train=False,
-                             seed=derived_seed(run.seed, "val"), num_workers=workers // 2)
+    train_loader = _loader(s, s.train_ids, recipe, True, derived_seed(run.seed, "train"), workers)
+    val_loader = _loader(s, s.val_ids, recipe, False, derived_seed(run.seed, "val"), workers // 2)
     try:
         for epoch in range(run.start_epoch, recipe.num_epochs):
             t0 = time.perf_counter()

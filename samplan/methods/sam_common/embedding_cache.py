@@ -4,7 +4,8 @@ Like segment-anything's SamPredictor (set_image once, predict many times), but a
 sha256 of the preprocessed case array (shape, dtype, bytes) together with the backbone name, the weights
 identity (sha256 of the weights file, or of the random state), the input size and the intensity/channel
 mapping, so that a changed image or backbone never reuses stale embeddings. Files are `{key}.pt` holding
-one plain tensor `(Z, D, h, w)` float32 (torch.save, read with weights_only=True: no pickle), written atomically.
+one plain tensor `(Z, D, h, w)` float32, or a dict of named tensors (an embedding with intermediate encoder features,
+as promise caches them), saved with torch.save and read with weights_only=True (no pickle), written atomically.
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def state_sha256(network: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
+def autocast_name(device: torch.device) -> str:
+    """The autocast dtype in effect on `device` ("fp32" when off): embeddings in bf16 differ from fp32 ones."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
+    except (TypeError, RuntimeError):
+        pass
+    return "fp32"
+
+
 def embedding_key(data: np.ndarray | torch.Tensor, backbone: str, weights_id: str, input_size: int,
                   mapping: Mapping[str, Any] | None = None) -> str:
     """The cache key of one case's embeddings (hex sha256); `mapping`: how values became encoder input (JSON data)."""
@@ -69,23 +80,28 @@ class EmbeddingCache:
         """Where the embeddings of `key` live."""
         return self.root / f"{key}.pt"
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The cached tensor of `key`, or None (a missing or unreadable file counts as a miss)."""
+    def get(self, key: str) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """The cached tensor (or dict of tensors) of `key`, or None (a missing or unreadable file counts as a miss)."""
         p = self.path(key)
         if p.is_file():
             try:
                 t = torch.load(p, map_location="cpu", weights_only=True)
             except Exception:  # a damaged file is recomputed, never trusted
                 t = None
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) or (isinstance(t, dict) and t
+                                               and all(isinstance(v, torch.Tensor) for v in t.values())):
                 self.hits += 1
                 return t
         self.misses += 1
         return None
 
-    def put(self, key: str, embeddings: torch.Tensor) -> Path:
-        """Store `embeddings` (detached, CPU, contiguous) atomically under `key`."""
+    def put(self, key: str, embeddings: torch.Tensor | dict[str, torch.Tensor]) -> Path:
+        """Store `embeddings` (a tensor or a dict of named tensors; detached, CPU, contiguous) atomically under `key`."""
         p = self.path(key)
+        if isinstance(embeddings, dict):
+            value: Any = {k: v.detach().cpu().contiguous() for k, v in embeddings.items()}
+        else:
+            value = embeddings.detach().cpu().contiguous()
         with atomic_path(p) as tmp:
-            torch.save(embeddings.detach().cpu().contiguous(), tmp)
+            torch.save(value, tmp)
         return p

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from samplan.methods.sam_common.decoding import channels_last, decode_prompts
-from samplan.methods.sam_common.embedding_cache import EmbeddingCache, embedding_key, weights_identity
+from samplan.methods.sam_common.embedding_cache import EmbeddingCache, autocast_name, embedding_key, weights_identity
 from samplan.methods.sam_common.plan import litemedsam_margin_px
 from samplan.methods.sam_common.slice_input import box_scale, encoder_input, logits_to_slice, longest_side_shape
 from samplan.methods.samzeroshot.network import slice_input
@@ -19,20 +19,10 @@ from samplan.prompts.case_prompts import CasePrompts
 ABSENT_LOGIT = -20.0  # label channels of slices no prompt reached
 
 
-def _autocast_name(device: torch.device) -> str:
-    """The autocast dtype in effect on `device` ("fp32" when off): embeddings in bf16 differ from fp32 ones."""
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
-    except (TypeError, RuntimeError):
-        pass
-    return "fp32"
-
-
 def cache_key(network: nn.Module, data: torch.Tensor, section: SAMZeroShotSection, device: torch.device) -> str:
     """The embedding-cache key of a case: image, backbone, weights identity, input size, intensity/channel mapping."""
     mapping = {"intensity": [r.to_dict() for r in section.intensity.per_channel],
-               "channels": section.channels.rgb_from_channels, "precision": _autocast_name(device)}
+               "channels": section.channels.rgb_from_channels, "precision": autocast_name(device)}
     return embedding_key(data, section.backbone, weights_identity(network, WEIGHTS_BUFFER), int(section.input_size),
                          mapping)
 
