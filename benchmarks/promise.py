@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=4, help="training iterations per epoch (rows 2-4)")
     p.add_argument("--long-epochs", type=int, default=12, help="epochs of row 5 (0: no row 5)")
     p.add_argument("--promise-lr", type=float, default=None, help="Adam learning rate of promise (default: the plan's)")
+    p.add_argument("--long-lr", type=float, default=None, help="Adam learning rate of row 5 (default: --promise-lr)")
     p.add_argument("--rows", default="zero,medsam,apm,apm_ips,long", help="which rows to run")
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
@@ -88,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_train_row(f"promise {mode} {n} it lr {lr:g}", args.dataset, "promise", args.fold,
                                    args.epochs, args.iters, {**promise, "mode": mode}))
     if "long" in wanted and args.long_epochs:
-        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {lr:g}", args.dataset,
-                               "promise", args.fold, args.long_epochs, args.iters, {**promise, "mode": "apm_ips"}))
+        long_lr = lr if args.long_lr is None else args.long_lr
+        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g}", args.dataset,
+                               "promise", args.fold, args.long_epochs, args.iters,
+                               {"recipe": {"optimizer": {"lr": long_lr}}, "mode": "apm_ips"}))
     splits = load_json(pre / "splits_final.json")
     header = ["row", "Dice", "cases", "s", "per-case Dice"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -232,3 +232,16 @@ def test_ips_oracle_validation_is_marked_as_an_oracle(prepared):
                           precision="fp32", method_overrides={**TINY, "mode": "ips_oracle"})
     summary = load_json(fold_dir / "validation" / "summary.json")
     assert summary["prompts"]["oracle"] is True and summary["metric_per_case"]
+
+
+def test_mode_flag_reaches_the_method_overrides_and_is_refused_elsewhere(monkeypatch, capsys):
+    import samplan.pipeline.train as trainer
+    from samplan.cli import train as cli
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_fold", lambda *a, **k: seen.update(k))
+    assert cli.main(["-d", "510", "-m", "promise", "-f", "0", "--mode", "apm"]) == 0
+    assert seen["method_overrides"] == {"mode": "apm"}
+    seen.clear()
+    assert cli.main(["-d", "510", "-m", "medsam", "-f", "0", "--mode", "apm"]) == 2
+    assert not seen and "--mode is a promise option" in capsys.readouterr().err

@@ -17,6 +17,7 @@ EPILOG = """examples:
   samplan_train -d 4 -m samunetr -f 0 --backbone tiny_vit  # override the plan's SAM backbone
   samplan_train -d 4 -m samunetr -f 0 --checkpoint sam_vit_b_01ec64.pth
   samplan_train -d 4 -m medsam -f 0 --unfreeze mask_decoder image_encoder.neck  # train only these parameters
+  samplan_train -d 510 -m promise -f 0 --mode apm              # ProMISe without IPS
 
 Outputs: SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>/fold_<F>/ with checkpoint_latest/best/final.pth,
 training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json).
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: 12345, or the checkpoint's with --c)")
     p.add_argument("--backbone", default=None, metavar="NAME", help="SAM methods: backbone instead of the plan's (e.g. vit_b, vit_l, vit_h, tiny_vit); recorded in the model folder's plans.json")
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="SAM methods: pretrained backbone weights file instead of the official ones ('none': random); recorded in plans.json")
+    p.add_argument("--mode", default=None, choices=["apm", "apm_ips", "ips_oracle"], help="promise: APM only, APM + IPS (the plan's default) or IPS with reference prompts (an oracle); recorded in plans.json")
     p.add_argument("--unfreeze", nargs="+", default=None, metavar="PREFIX", help="medsam: train exactly the parameters whose dotted names start with these prefixes (e.g. mask_decoder image_encoder.neck) instead of the plan's modules; recorded in plans.json")
     p.add_argument("--npz", dest="save_probabilities", action="store_true", help="the final validation also writes "
                    "{case}.npz probabilities in the original geometry (ensembling in samplan_find_best needs them)")
@@ -68,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in (("backbone", args.backbone), ("checkpoint", args.checkpoint)) if v is not None}
+    overrides = {k: v for k, v in (("backbone", args.backbone), ("checkpoint", args.checkpoint), ("mode", args.mode))
+                 if v is not None}
     if args.unfreeze is not None:
         overrides["unfreeze"] = list(args.unfreeze)
+    if args.mode is not None and args.method != "promise":
+        print(f"error: --mode is a promise option; method {args.method!r} has no modes.", file=sys.stderr)
+        return 2
     if "checkpoint" in overrides and overrides["checkpoint"].lower() != "none":
         overrides["checkpoint"] = str(Path(overrides["checkpoint"]).expanduser().resolve())
 
