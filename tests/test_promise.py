@@ -245,3 +245,16 @@ def test_mode_flag_reaches_the_method_overrides_and_is_refused_elsewhere(monkeyp
     seen.clear()
     assert cli.main(["-d", "510", "-m", "medsam", "-f", "0", "--mode", "apm"]) == 2
     assert not seen and "--mode is a promise option" in capsys.readouterr().err
+
+
+def test_box_term_pulls_the_regressed_box_towards_the_tight_box():
+    from samplan.methods.promise.train import PromiseLoss, tight_boxes
+
+    target = torch.zeros(1, 1, 64, 64)
+    target[0, 0, 10:20, 30:50] = 1
+    assert tight_boxes(target[:, 0]).tolist() == [[30.0, 10.0, 49.0, 19.0]]
+    logits = torch.zeros(1, 1, 64, 64)
+    loss = PromiseLoss(1.0, 1.0, 1.0, weight_box=1.0)
+    exact = loss(logits, target, None, {"box": torch.tensor([[[30.0, 10.0, 49.0, 19.0]]])})
+    off = loss(logits, target, None, {"box": torch.tensor([[[0.0, 0.0, 63.0, 63.0]]])})
+    assert torch.isclose(exact, PromiseLoss(1.0, 1.0, 1.0)(logits, target, None)) and off > exact + 0.2

@@ -84,12 +84,15 @@ class IPS(PlanSection):
 
 @dataclass(frozen=True, kw_only=True)
 class Loss(PlanSection):
-    """BCE + soft Dice on the mask logits (sigmoid once), plus BCE of the presence logits."""
+    """BCE + soft Dice on the mask logits (sigmoid once), plus BCE of the presence logits, plus L1 of a regressed box
+    against the target's tight box (0: the paper, prompts learnt from the mask loss alone)."""
 
     name: Literal["bce+dice"]
     weight_bce: float
     weight_dice: float
     weight_presence: float
+    weight_box: float
+    weight_box_reason: str = info()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +160,14 @@ def prompt_output(spec: BackboneSpec) -> tuple[str, str]:
     return "points", f"{spec.name} (SAM) was trained with points: the paper's 8 positive + 8 negative points"
 
 
+def box_loss_weight(output: str) -> tuple[float, str]:
+    """The weight of the direct box term, and why: a regressed box has a target (the tight box), points do not."""
+    if "box" in output:
+        return 1.0, ("an addition for box prompts: the target's tight box supervises the regressed box directly, "
+                     "which the mask loss alone, reaching it through the frozen decoder, does slowly")
+    return 0.0, "points have no unique target: as the paper, they learn from the mask loss alone"
+
+
 def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget: ComputeBudget,
                  dataset_json: dict[str, Any]) -> PromiseSection:
     """Backbone, channels, intensity, APM/IPS sizes, prompt type, feature cache and recipe."""
@@ -172,8 +183,10 @@ def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget:
     use_regions = uses_regions(dataset_json)
     region_values = [list(r) for r in regions(dataset_json)] if use_regions else None
     cpu = budget.device == "cpu"
+    box_weight, box_reason = box_loss_weight(output)
     recipe = Recipe(
-        loss=Loss(name="bce+dice", weight_bce=1.0, weight_dice=1.0, weight_presence=1.0),
+        loss=Loss(name="bce+dice", weight_bce=1.0, weight_dice=1.0, weight_presence=1.0, weight_box=box_weight,
+                  weight_box_reason=box_reason),
         optimizer=Adam(name="Adam", lr=1e-5, weight_decay=0.0), lr_schedule=ConstantSchedule(name="constant"),
         optimizer_reason="the paper's Adam at lr 1e-5",
         num_epochs=200, num_iterations_per_epoch=50, num_val_iterations_per_epoch=5, foreground_slice_fraction=0.67,

@@ -30,7 +30,7 @@ def promise_recipe(section: PromiseSection, cfg: Mapping[str, Any]) -> TrainingR
     r = section.recipe
     aug = slice_augmentation(r.augmentation_params) if section.image_augmentation else {}
     return TrainingRecipe(
-        loss=LOSSES[r.loss.name](r.loss.weight_bce, r.loss.weight_dice, r.loss.weight_presence),
+        loss=LOSSES[r.loss.name](r.loss.weight_bce, r.loss.weight_dice, r.loss.weight_presence, r.loss.weight_box),
         make_optimizer=make_optimizer(r.optimizer), make_scheduler=make_schedule(r.lr_schedule),
         num_epochs=int(r.num_epochs), iterations_per_epoch=int(r.num_iterations_per_epoch),
         val_iterations_per_epoch=int(r.num_val_iterations_per_epoch), batch_size=int(section.batch_size),
@@ -40,14 +40,18 @@ def promise_recipe(section: PromiseSection, cfg: Mapping[str, Any]) -> TrainingR
 
 class PromiseLoss(torch.nn.Module):
     """weight_bce * BCE + weight_dice * soft Dice of mask logits `(B, K, S, S)` on the present outputs, plus
-    weight_presence * BCE of presence logits `(B, K)` (None: oracle prompts, no presence)."""
+    weight_presence * BCE of presence logits `(B, K)` (None: oracle prompts, no presence), plus weight_box * L1
+    between a regressed box and the target's tight box (fractions of the input side) on the present outputs."""
 
-    def __init__(self, weight_bce: float, weight_dice: float, weight_presence: float, smooth: float = 1.0):
+    def __init__(self, weight_bce: float, weight_dice: float, weight_presence: float, weight_box: float = 0.0,
+                 smooth: float = 1.0):
         super().__init__()
-        self.wb, self.wd, self.wp, self.smooth = float(weight_bce), float(weight_dice), float(weight_presence), smooth
+        self.wb, self.wd, self.wp, self.wbox = float(weight_bce), float(weight_dice), float(weight_presence), float(weight_box)
+        self.smooth = smooth
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, presence: torch.Tensor | None) -> torch.Tensor:
-        """Scalar loss; `target` `(B, K, S, S)` in {0, 1}."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, presence: torch.Tensor | None,
+                prompts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scalar loss; `target` `(B, K, S, S)` in {0, 1}; `prompts` the APM's (input pixels), for the box term."""
         logits, target = logits.float(), target.float()
         present = target.flatten(2).amax(-1) > 0
         loss = logits.new_zeros(())
@@ -56,9 +60,22 @@ class PromiseLoss(torch.nn.Module):
             p = torch.sigmoid(lo)
             dice = 1 - (2 * (p * g).sum((1, 2)) + self.smooth) / (p.sum((1, 2)) + g.sum((1, 2)) + self.smooth)
             loss = loss + self.wb * F.binary_cross_entropy_with_logits(lo, g) + self.wd * dice.mean()
+            if self.wbox and prompts is not None and "box" in prompts:
+                size = target.shape[-1]
+                loss = loss + self.wbox * F.l1_loss(prompts["box"][present].float() / size,
+                                                    tight_boxes(g) / size)
         if presence is not None:
             loss = loss + self.wp * F.binary_cross_entropy_with_logits(presence.float(), present.float())
         return loss
+
+
+def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """`(N, 4)` boxes (x0, y0, x1, y1), pixel indices, of non-empty masks `(N, H, W)`."""
+    rows, cols = masks.amax(-1) > 0, masks.amax(-2) > 0  # (N, H), (N, W)
+    h, w = rows.shape[-1], cols.shape[-1]
+    y0, y1 = rows.float().argmax(-1), h - 1 - rows.flip(-1).float().argmax(-1)
+    x0, x1 = cols.float().argmax(-1), w - 1 - cols.flip(-1).float().argmax(-1)
+    return torch.stack([x0, y0, x1, y1], -1).float()
 
 
 LOSSES = {"bce+dice": PromiseLoss}  # the plan's recipe.loss.name
@@ -147,9 +164,9 @@ def step(network: PromiseNet, batch: dict[str, Any], recipe: TrainingRecipe, dev
     if train:
         optimizer.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(train), autocast(device, recipe.autocast_dtype):
-        masks, presence, _ = network(embedding, features, oracle)
+        masks, presence, prompts = network(embedding, features, oracle)
         logits = logits_at_input(masks, int(section.input_size))
-        loss = recipe.loss(logits, target, presence)
+        loss = recipe.loss(logits, target, presence, None if oracle is not None else prompts)
     if train:
         loss.backward()
         optimizer.step()
