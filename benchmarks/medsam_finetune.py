@@ -38,6 +38,14 @@ def _dice_row(name: str, summary: dict, seconds: float) -> list[str]:
     return [name, f"{summary['foreground_mean']['Dice']:.4f}", str(len(per_case)), f"{seconds:.0f}", cases]
 
 
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """The title, then a left-aligned plain-text table."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}\n")
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def zero_shot(dataset: str, fold: int, overrides: dict, out_dir: Path) -> tuple[dict, float]:
     """Predict the fold's validation cases with the pretrained (untrained) network; evaluate them."""
     from samplan.dataset.dataset_json import group_images_by_case
@@ -92,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                           val_iters=2, device="cpu", num_workers=0, method_overrides=overrides)
     rows.append(_dice_row(f"fine-tuned {args.epochs}x{args.iters} it", load_json(fold_dir / "validation" / "summary.json"),
                           time.perf_counter() - t0))
-    header = ["mode", "Dice", "cases", "s", "per-case Dice"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{args.dataset}, fold {args.fold} validation, box policy {args.box}\n")
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(f"{args.dataset}, fold {args.fold} validation, box policy {args.box}",
+                ["mode", "Dice", "cases", "s", "per-case Dice"], rows)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from medsam_finetune import REPO, _dice_row, _setup_env, zero_shot  # noqa: E402  (the zero-shot row is shared)
+from medsam_finetune import REPO, _dice_row, _setup_env, print_table, zero_shot  # noqa: E402  (shared rows)
 
 
 def _train_row(name: str, dataset: str, method: str, fold: int, epochs: int, iters: int, overrides: dict) -> list[str]:
@@ -94,12 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                                "promise", args.fold, args.long_epochs, args.iters,
                                {"recipe": {"optimizer": {"lr": long_lr}}, "mode": "apm_ips"}))
     splits = load_json(pre / "splits_final.json")
-    header = ["row", "Dice", "cases", "s", "per-case Dice"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{args.dataset}, fold {args.fold}: {len(splits[args.fold]['train'])} training / "
-          f"{len(splits[args.fold]['val'])} validation images{', grouped by ' + args.case_groups if args.case_groups else ''}\n")
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    grouped = f", grouped by {args.case_groups}" if args.case_groups else ""
+    print_table(f"{args.dataset}, fold {args.fold}: {len(splits[args.fold]['train'])} training / "
+                f"{len(splits[args.fold]['val'])} validation images{grouped}", ["row", "Dice", "cases", "s", "per-case Dice"],
+                rows)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

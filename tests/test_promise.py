@@ -19,7 +19,6 @@ from samplan.methods.promise.network import build_promise
 from samplan.methods.promise.predict import ABSENT_LOGIT, opening, predict_case
 from samplan.methods.promise.plan import WEIGHTS_BUFFER
 from samplan.models.specs import backbone_spec
-from samplan.pipeline.planning import plan_and_preprocess
 from samplan.pipeline.train import train_fold
 from samplan.training.trainer import merge_overrides
 from samplan.utils import load_json
@@ -35,24 +34,14 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Synthetic 3D MR (two labels) and 2D RGB PNG (one label) datasets, planned for promise and preprocessed (2d)."""
-    from samplan.experiment_planning.fingerprint import extract_fingerprint
-    from samplan.utils import save_json
+    from conftest import plan_quickly, samplan_dirs
 
-    root = tmp_path_factory.mktemp("promise")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("SAMPLAN_RAW", "SAMPLAN_PREPROCESSED", "SAMPLAN_RESULTS"):
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
+    with samplan_dirs(tmp_path_factory.mktemp("promise")) as root:
         out = {"root": root}
         for key, ds in (("3d", make_dataset_3d(root / "SAMPLAN_RAW", n_cases=5)),
                         ("png", make_dataset_2d_png(root / "SAMPLAN_RAW", n_cases=5))):
-            pre = root / "SAMPLAN_PREPROCESSED" / ds.name
-            pre.mkdir()
-            save_json(extract_fingerprint(ds, num_processes=1, progress=False, total_intensity_samples=1e5),
-                      pre / "fingerprint.json")
-            plan_and_preprocess(ds.name, methods=["promise"], configurations=["2d"], num_processes=1)
             out[key] = ds
-            out[f"plans_{key}"] = load_json(pre / "plans.json")
+            out[f"plans_{key}"] = load_json(plan_quickly(ds, ["promise"], ["2d"]) / "plans.json")
         yield out
 
 

@@ -13,7 +13,7 @@ DatasetJson = dict[str, Any]
 CaseFiles = dict[str, dict[str, Any]]
 
 CASE_GROUPS_KEY = "case_groups"
-N_FOLDS = 5  # nnU-Net's cross-validation folds (samplan.training.splits.N_SPLITS, which lies above this layer)
+N_FOLDS = 5  # nnU-Net's cross-validation folds (samplan.training.splits.N_SPLITS is this number)
 CASE_GROUPS_FORMS = ('a regular expression string whose first capture group (or whole match) names the group, e.g. '
                      '"(seq\\\\d+)_" (backslashes doubled in JSON), or an object mapping group names to lists of case ids')
 
@@ -144,15 +144,10 @@ def read_case_groups(dataset_json: DatasetJson, case_ids: Sequence[str] | None, 
     return groups
 
 
-def _groups_from_pattern(pattern: str, case_ids: Sequence[str], where: str) -> dict[str, str]:
-    """re.match each id: the first capture group, else the whole match; no match (or an empty name) is a group of its own."""
-    if not pattern:
-        raise DatasetError(f"{where} is an empty string; it must be {CASE_GROUPS_FORMS}.")
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise DatasetError(f"{where} {pattern!r} is not a valid regular expression ({e}). Fix it (in JSON a "
-                           'backslash is written twice, e.g. "(seq\\\\d+)_"), or remove the key.') from None
+def pattern_groups(pattern: str, case_ids: Sequence[str]) -> dict[str, str]:
+    """re.match each id: the first capture group, else the whole match; no match (or an empty name) is a group of its
+    own. An invalid pattern raises re.error."""
+    rx = re.compile(pattern)
     out = {}
     for c in case_ids:
         m = rx.match(c)
@@ -160,6 +155,17 @@ def _groups_from_pattern(pattern: str, case_ids: Sequence[str], where: str) -> d
         # an optional capture group that took no part, or an empty match, would lump unrelated cases together
         out[c] = name or c
     return out
+
+
+def _groups_from_pattern(pattern: str, case_ids: Sequence[str], where: str) -> dict[str, str]:
+    """`pattern_groups`, with dataset.json's errors."""
+    if not pattern:
+        raise DatasetError(f"{where} is an empty string; it must be {CASE_GROUPS_FORMS}.")
+    try:
+        return pattern_groups(pattern, case_ids)
+    except re.error as e:
+        raise DatasetError(f"{where} {pattern!r} is not a valid regular expression ({e}). Fix it (in JSON a "
+                           'backslash is written twice, e.g. "(seq\\\\d+)_"), or remove the key.') from None
 
 
 def _groups_from_mapping(mapping: dict[str, Any], case_ids: Sequence[str] | None, where: str) -> dict[str, str]:

@@ -31,12 +31,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from samplan.dataset.dataset_json import N_FOLDS, pattern_groups
 from samplan.errors import DatasetError, SamplanError
 from samplan.paths import raw_root
 from samplan.utils import load_json, save_json
 
 SPLITS_FILE = "splits_final.json"
-N_SPLITS = 5
+N_SPLITS = N_FOLDS  # nnU-Net's 5 folds, one number for dataset.json's checks and the splits
 SEED = 12345
 
 Splits = list[dict[str, list[str]]]
@@ -68,15 +69,10 @@ def kfold_splits(case_ids: Sequence[str], n_splits: int = N_SPLITS, seed: int = 
 def case_groups(case_ids: Sequence[str], group_pattern: str) -> list[str]:
     """Group name of each case: the first capture group (or the whole match) of `group_pattern`, else the id itself."""
     try:
-        rx = re.compile(group_pattern)
+        groups = pattern_groups(group_pattern, case_ids)
     except re.error as e:
         raise SamplanError(f"invalid split group pattern {group_pattern!r}: {e}") from None
-    groups = []
-    for c in case_ids:
-        m = rx.match(c)
-        name = (m.group(1) if rx.groups else m.group(0)) if m else None
-        groups.append(name or c)  # an empty or non-participating group must not lump unrelated cases together
-    return groups
+    return [groups[c] for c in case_ids]
 
 
 def grouped_splits(case_ids: Sequence[str], groups: str | Mapping[str, str], n_splits: int = N_SPLITS,

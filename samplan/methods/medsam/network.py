@@ -10,6 +10,7 @@ from torch import nn
 
 from samplan.errors import SamplanError
 from samplan.methods.medsam.plan import MedSAMSection
+from samplan.methods.sam_common.plan import num_foreground
 from samplan.methods.sam_common.slice_input import SamInput
 from samplan.methods.sam_common.weights import load_sam_weights
 from samplan.models.backbones import build_sam_model
@@ -30,16 +31,11 @@ def trainable_prefixes(section: MedSAMSection) -> list[str]:
     return list(section.unfreeze or section.trainable_modules)
 
 
-def num_foreground(section: MedSAMSection, num_outputs: int) -> int:
-    """Foreground outputs (one box and one mask each): every region, or every label but the background."""
-    return num_outputs if section.regions else num_outputs - 1
-
-
 def build_medsam(section: MedSAMSection, num_outputs: int) -> nn.Module:
     """The Sam model with random weights, the empty planned regions and the planned trainable parameters."""
     model = build_sam_model(section.backbone, input_size=section.input_size)
     # per foreground output: union box (x0, y0, x1, y1) in fractions of the slice, empty until planned
-    model.register_buffer(REGIONS_BUFFER, torch.tensor([list(EMPTY_REGION)] * num_foreground(section, num_outputs)))
+    model.register_buffer(REGIONS_BUFFER, torch.tensor([list(EMPTY_REGION)] * num_foreground(section.regions, num_outputs)))
     set_trainable(model, trainable_prefixes(section))
     return model
 

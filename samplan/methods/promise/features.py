@@ -26,13 +26,12 @@ def feature_cache_dir(cache_dir: Path) -> Path:
     return Path(cache_dir).parent / FEATURE_FOLDER
 
 
-def slice_key(network: PromiseNet, slice_data: torch.Tensor, section: PromiseSection, device: torch.device) -> str:
-    """The cache key of one cache slice `(C, H, W)`."""
+def slice_key(weights_id: str, slice_data: torch.Tensor, section: PromiseSection, device: torch.device) -> str:
+    """The cache key of one cache slice `(C, H, W)` for the frozen SAM of identity `weights_id`."""
     mapping = {"intensity": [r.to_dict() for r in section.intensity.per_channel],
                "channels": section.channels.rgb_from_channels, "blocks": list(section.apm.feature_blocks),
                "dtype": section.feature_cache, "precision": autocast_name(device)}
-    return embedding_key(slice_data, section.backbone, weights_identity(network, WEIGHTS_BUFFER),
-                         int(section.input_size), mapping)
+    return embedding_key(slice_data, section.backbone, weights_id, int(section.input_size), mapping)
 
 
 def encode_slices(network: PromiseNet, slices: Sequence[torch.Tensor], section: PromiseSection,
@@ -64,7 +63,8 @@ class FeatureStore:
         if self.cache is None:
             self.encoded += len(slices)
             return encode_slices(network, slices, section, device)
-        keys = [slice_key(network, sl, section, device) for sl in slices]
+        weights_id = weights_identity(network, WEIGHTS_BUFFER)  # once per batch: it may hash the whole state
+        keys = [slice_key(weights_id, sl, section, device) for sl in slices]
         found: dict[int, dict[str, torch.Tensor]] = {}
         for i, k in enumerate(keys):
             hit = self.cache.get(k)

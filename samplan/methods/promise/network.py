@@ -12,7 +12,8 @@ from samplan.errors import SamplanError
 from samplan.methods.promise.decoder import decode_shifted
 from samplan.methods.promise.plan import WEIGHTS_BUFFER, PromiseSection
 from samplan.methods.sam_common.slice_input import SamInput
-from samplan.methods.sam_common.weights import load_sam_weights
+from samplan.methods.sam_common.plan import num_foreground
+from samplan.methods.sam_common.weights import load_sam_weights, record_weights_identity
 from samplan.models.backbones import build_sam_model, encoder_features
 from samplan.models.specs import backbone_spec
 
@@ -110,7 +111,6 @@ class PromiseNet(nn.Module):
     def __init__(self, sam: nn.Module, section: PromiseSection, n_fg: int, feature_channels: int):
         super().__init__()
         self.sam = sam
-        self.section_mode = section.mode
         self.blocks = list(section.apm.feature_blocks)
         self.output = section.prompt.output
         self.num_positive, self.num_negative = section.prompt.num_positive, section.prompt.num_negative
@@ -186,12 +186,7 @@ class PromiseNet(nn.Module):
         return masks[:, MULTIMASK_FIRST].view(b, k, *masks.shape[-2:]), presence, prompts
 
 
-def num_foreground(section: PromiseSection, num_outputs: int) -> int:
-    """Foreground outputs (one prompt set and one mask each): every region, or every label but the background."""
-    return num_outputs if section.regions else num_outputs - 1
-
-
-def feature_channels(sam: nn.Module, section: PromiseSection) -> int:
+def feature_channels(section: PromiseSection) -> int:
     """Channels of the APM's input: the summed widths of the planned blocks' outputs (from the backbone spec)."""
     spec = backbone_spec(section.backbone)
     if spec.family == "litemedsam":
@@ -209,14 +204,14 @@ def feature_channels(sam: nn.Module, section: PromiseSection) -> int:
 
 def build_promise(section: PromiseSection, num_outputs: int) -> PromiseNet:
     """Sam (random weights, every parameter frozen) + the new modules, sized for the plan and the outputs."""
-    n_fg = num_foreground(section, num_outputs)
+    n_fg = num_foreground(section.regions, num_outputs)
     if len(section.prompt.label_groups) != n_fg:
         raise SamplanError(f"the promise plan has {len(section.prompt.label_groups)} label groups for {n_fg} "
                            "foreground outputs; re-plan.")
     sam = build_sam_model(section.backbone, input_size=section.input_size).eval()
     for p in sam.parameters():
         p.requires_grad_(False)
-    return PromiseNet(sam, section, n_fg, feature_channels(sam, section))
+    return PromiseNet(sam, section, n_fg, feature_channels(section))
 
 
 def parameter_counts(network: PromiseNet) -> tuple[int, int]:
@@ -230,7 +225,7 @@ def initialize_promise(network: PromiseNet, section: PromiseSection) -> str:
     spec = backbone_spec(section.backbone)
     source, identity = load_sam_weights(network.sam, spec, section.checkpoint, section.input_size, (), "promise",
                                         identify=True)
-    getattr(network, WEIGHTS_BUFFER).copy_(torch.tensor(list(bytes.fromhex(identity)), dtype=torch.uint8))
+    record_weights_identity(network, WEIGHTS_BUFFER, identity)
     trainable, frozen = parameter_counts(network)
     modules = [n for n in ("apm", "ips") if getattr(network, n) is not None]
     return (f"promise ({section.mode}): {spec.name} at {section.input_size} px, {source} (sha256 {identity[:12]}); "

@@ -17,8 +17,8 @@ from samplan.errors import SamplanError
 from samplan.methods.promise.features import FeatureStore
 from samplan.methods.promise.network import PromiseNet
 from samplan.methods.promise.plan import PromiseSection
-from samplan.methods.promise.train import oracle_prompts
-from samplan.methods.sam_common.slice_input import logits_to_slice, longest_side_shape, masks_to_input
+from samplan.methods.promise.train import label_masks, oracle_prompts
+from samplan.methods.sam_common.slice_input import logits_to_slice, longest_side_shape
 
 ABSENT_LOGIT = -20.0  # outputs judged absent in a slice, and pixels the opening removed
 NEEDS_REFERENCE = ("this promise model was trained in mode ips_oracle, which samples its points from the reference "
@@ -33,21 +33,14 @@ def opening(mask: np.ndarray, kernel: int) -> np.ndarray:
     return ndimage.binary_opening(mask, structure=np.ones((kernel, kernel), bool))
 
 
-def _reference_masks(reference: np.ndarray, idx: list[int], section: PromiseSection) -> torch.Tensor:
-    """Target masks on the input grid `(B, K, S, S)` of slices `idx` of a reference label map `(Z, Y, X)`."""
-    size = int(section.input_size)
-    ref = np.asarray(reference)
-    ref = ref[0] if ref.ndim == 4 else ref
-    return torch.cat([masks_to_input(np.stack([np.isin(ref[z], g) for g in section.prompt.label_groups]), size)[:, 0][None]
-                      for z in idx])
-
-
 def predict_case(network: PromiseNet, data: torch.Tensor, section: PromiseSection, device: torch.device, *,
                  reference: np.ndarray | None = None, cache_root: Any = None) -> torch.Tensor:
     """Logits `(K, Z, Y, X)` float32 CPU of a preprocessed case `(C, Z, Y, X)`."""
     if section.mode == "ips_oracle" and reference is None:
         raise SamplanError(NEEDS_REFERENCE)
     network.eval()
+    ref = None if reference is None else np.asarray(reference)
+    ref = ref[0] if ref is not None and ref.ndim == 4 else ref  # (Z, Y, X)
     _, z, h, w = data.shape
     k = network.n_fg
     size = int(section.input_size)
@@ -65,7 +58,7 @@ def predict_case(network: PromiseNet, data: torch.Tensor, section: PromiseSectio
             emb, feats = store.get(network, [data[:, i] for i in idx], section, device)
             oracle = None
             if section.mode == "ips_oracle":
-                ref_masks = _reference_masks(reference, idx, section)
+                ref_masks = torch.stack([label_masks(ref[z], section) for z in idx])
                 oracle = {n: v.to(device) for n, v in oracle_prompts(ref_masks, section, rng).items()}
             masks, presence, _ = network(emb, feats, oracle)
             if presence is None:

@@ -81,20 +81,25 @@ def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
 LOSSES = {"bce+dice": PromiseLoss}  # the plan's recipe.loss.name
 
 
+def label_masks(label_map: np.ndarray, section: PromiseSection) -> torch.Tensor:
+    """A slice's label values `(H, W)` -> one mask per planned label group on the input grid `(K, S, S)`."""
+    groups = np.stack([np.isin(label_map, g) for g in section.prompt.label_groups])
+    return masks_to_input(groups, int(section.input_size))[:, 0]
+
+
 def slices_and_masks(batch: dict[str, Any], section: PromiseSection, n_fg: int
                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The batch's cache slices `[(C, H, W)]` and per-output target masks on the input grid `(B, K, S, S)`."""
-    size = int(section.input_size)
+    slices = list(batch["data"])
     if batch.get("whole_slices"):  # SliceLoader: label values of the raw label map
-        slices = list(batch["data"])
-        masks = [np.stack([np.isin(t[0].numpy(), g) for g in section.prompt.label_groups]) for t in batch["target"]]
-    else:  # the trainer's patch loader: class indices (labels) or region masks
-        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
-        t = target.detach().cpu().numpy()
-        slices = list(batch["data"])
-        masks = [np.stack([t[i, k] > 0.5 if section.regions else t[i, 0] == k + 1 for k in range(n_fg)])
-                 for i in range(t.shape[0])]
-    return slices, torch.cat([masks_to_input(m, size)[:, 0][None] for m in masks])
+        return slices, torch.stack([label_masks(t[0].numpy(), section) for t in batch["target"]])
+    # the trainer's patch loader: class indices (labels) or region masks
+    target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+    t = target.detach().cpu().numpy()
+    masks = [np.stack([t[i, k] > 0.5 if section.regions else t[i, 0] == k + 1 for k in range(n_fg)])
+             for i in range(t.shape[0])]
+    size = int(section.input_size)
+    return slices, torch.stack([masks_to_input(m, size)[:, 0] for m in masks])
 
 
 def oracle_prompts(masks: torch.Tensor, section: PromiseSection, rng: np.random.Generator) -> dict[str, torch.Tensor]:

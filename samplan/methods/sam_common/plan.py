@@ -155,6 +155,12 @@ def resolve_backbone(name: str, planned: str, planned_input_size: int, method: s
     return spec, spec.native_input_size
 
 
+def num_foreground(regions: bool, num_outputs: int) -> int:
+    """Foreground outputs of a prompted SAM method (one prompt set and one mask each): every region, or every label
+    but the background."""
+    return num_outputs if regions else num_outputs - 1
+
+
 def litemedsam_margin_px(input_size: int) -> float:
     """LiteMedSAM's propagation margin (3 px at its 256 input) as pixels of an encoder input of `input_size`."""
     return LITEMEDSAM_MARGIN_PX * input_size / LITEMEDSAM_INPUT

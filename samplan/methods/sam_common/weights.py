@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from samplan.errors import SamplanError
@@ -15,6 +16,11 @@ from samplan.models import weights as model_weights
 def is_random(checkpoint: str, spec: BackboneSpec) -> bool:
     """True when `checkpoint` asks for random weights: "none", or "auto" for a backbone without official weights."""
     return checkpoint.lower() == "none" or (checkpoint == "auto" and spec.weights is None)
+
+
+def record_weights_identity(network: nn.Module, buffer: str, identity: str) -> None:
+    """Store a weights sha256 (hex) in the network's uint8 buffer `buffer`, where the embedding caches read it."""
+    getattr(network, buffer).copy_(torch.tensor(list(bytes.fromhex(identity)), dtype=torch.uint8))
 
 
 def load_sam_weights(model: nn.Module, spec: BackboneSpec, checkpoint: str, input_size: int,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from samplan.methods.sam_common.slice_input import SamInput
-from samplan.methods.sam_common.weights import load_sam_weights
+from samplan.methods.sam_common.weights import load_sam_weights, record_weights_identity
 from samplan.methods.samzeroshot.plan import WEIGHTS_BUFFER, SAMZeroShotSection
 from samplan.models.backbones import build_sam_model
 from samplan.models.specs import backbone_spec
@@ -33,5 +33,5 @@ def initialize_samzeroshot(network: nn.Module, section: SAMZeroShotSection) -> s
     spec = backbone_spec(section.backbone)
     source, identity = load_sam_weights(network, spec, section.checkpoint, section.input_size, (WEIGHTS_BUFFER,),
                                         "samzeroshot", identify=True)
-    getattr(network, WEIGHTS_BUFFER).copy_(torch.tensor(list(bytes.fromhex(identity)), dtype=torch.uint8))
+    record_weights_identity(network, WEIGHTS_BUFFER, identity)
     return f"samzeroshot: {spec.name} at {section.input_size} px, {source} (sha256 {identity[:12]}), no training"
