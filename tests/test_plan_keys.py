@@ -30,6 +30,8 @@ from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_vit", "checkpoint": "none", "batch_size": 2}
 PROMISE_TINY = {**TINY, "apm": {"conv_channels": 8, "resnet_layers": [1, 1, 1, 1]}, "ips": {"hidden": 16}}
+AUTOSAM2_TINY = {"backbone": "tiny_litemedsam", "checkpoint": "none", "unet": {"features": [4, 8, 8, 8, 8]},
+                 "branch": {"bridge_width": 8}, "slice_fraction": 0.6}
 # (dataset, method, configuration, overrides of the section)
 SCENARIOS = [
     ("3d", "unet", "3d_fullres", {}),
@@ -50,8 +52,11 @@ SCENARIOS = [
     ("3d", "promise", "2d", PROMISE_TINY),
     ("png", "promise", "2d", {**PROMISE_TINY, "mode": "ips_oracle", "image_augmentation": True}),
     ("hippocampus", "promise", "2d", {**PROMISE_TINY, "backbone": "tiny_litemedsam", "mode": "apm"}),
+    ("3d", "autosam2", "3d_fullres", AUTOSAM2_TINY),
+    ("hippocampus", "autosam2", "3d_fullres", {**AUTOSAM2_TINY, "backbone": "tiny_sam2"}),
 ]
-METHODS = ("unet", "samunetr", "medsam", "samzeroshot", "promise")
+METHODS = ("unet", "samunetr", "medsam", "samzeroshot", "promise", "autosam2")
+THREE_D_ONLY = ("autosam2",)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,8 @@ def datasets(tmp_path_factory):
         except pytest.skip.Exception:
             pass  # without ../shared/data the synthetic scenarios still run
         for key, raw in raws.items():
-            pre = plan_quickly(raw, list(METHODS), ["2d", "3d_fullres"] if key == "3d" else ["2d"])
+            methods = [m for m in METHODS if key != "png" or m not in THREE_D_ONLY]
+            pre = plan_quickly(raw, methods, ["2d"] if key == "png" else ["2d", "3d_fullres"])
             plans = load_json(pre / "plans.json")
             for cfg in plans["configurations"].values():  # small U-Nets: the test is about keys, not accuracy
                 kw = cfg.get("architecture", {}).get("arch_kwargs")

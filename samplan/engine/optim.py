@@ -6,6 +6,7 @@ epoch), which gives nnU-Net's learning rate for epoch e: lr0 * (1 - e / num_epoc
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Any, Callable, Iterable
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from samplan.experiment_planning.recipe_sections import SGD, Adam, AdamW, ConstantSchedule, Optimizer, PolySchedule, Schedule
+from samplan.experiment_planning.recipe_sections import (SGD, Adam, AdamW, ConstantSchedule, OneCycleSchedule, Optimizer,
+                                                         PolySchedule, Schedule)
 
 
 class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -46,6 +48,34 @@ class PolyLRScheduler(torch.optim.lr_scheduler.LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+class OneCycleLRScheduler(PolyLRScheduler):
+    """One cycle per run, stepped once per epoch: cosine warm-up from base_lr / div_factor to base_lr over the first
+    `pct_start` of `total_epochs`, then cosine annealing to base_lr / (div_factor * final_div_factor).
+
+    Like the poly schedule the horizon is a setting of the run (not in `state_dict`), so a continued run may change
+    the number of epochs; torch's OneCycleLR would refuse to step past its fixed total.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_epochs: int, pct_start: float, div_factor: float,
+                 final_div_factor: float):
+        self.pct_start, self.div_factor, self.final_div_factor = float(pct_start), float(div_factor), float(final_div_factor)
+        super().__init__(optimizer, total_epochs, 0.0)
+
+    def get_lr(self) -> list[float]:
+        """Learning rates of all parameter groups for the current epoch (`self.last_epoch`)."""
+        e, total = max(self.last_epoch, 0), max(self.total_epochs - 1, 1)
+        peak = self.pct_start * total
+        out = []
+        for base in self.base_lrs:
+            start, end = base / self.div_factor, base / (self.div_factor * self.final_div_factor)
+            if e <= peak and peak > 0:
+                lo, hi, t = start, base, e / peak
+            else:
+                lo, hi, t = base, end, min((e - peak) / max(total - peak, 1e-8), 1.0)
+            out.append(hi + (lo - hi) * (1 + math.cos(math.pi * t)) / 2)
+        return out
 
 
 def make_sgd(lr: float, momentum: float, nesterov: bool, weight_decay: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
@@ -89,7 +119,10 @@ def _trainable_only(make: Callable[[Iterable[nn.Parameter]], torch.optim.Optimiz
 
 
 def make_schedule(section: Schedule) -> Callable[[torch.optim.Optimizer, int], PolyLRScheduler]:
-    """A factory (optimizer, num_epochs) -> the planned schedule: poly, or constant (poly with exponent 0)."""
+    """A factory (optimizer, num_epochs) -> the planned schedule: poly, one cycle, or constant (poly with exponent 0)."""
+    if isinstance(section, OneCycleSchedule):
+        pct, div, final = float(section.pct_start), float(section.div_factor), float(section.final_div_factor)
+        return lambda optimizer, num_epochs: OneCycleLRScheduler(optimizer, num_epochs, pct, div, final)
     if isinstance(section, PolySchedule):
         return make_poly(float(section.exponent))
     if isinstance(section, ConstantSchedule):

@@ -84,3 +84,15 @@ class Augmentation(PlanSection):
     scaling: list[float]
     mirror: bool
     intensity: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneCycleSchedule(Schedule):
+    """One cycle (torch's OneCycleLR with cosine annealing, stepped once per epoch): from lr / div_factor up to the
+    optimiser's lr over the first `pct_start` of the epochs, then down to lr / div_factor / final_div_factor."""
+
+    TAG: ClassVar[str] = "one_cycle"
+    name: Literal["one_cycle"]
+    pct_start: float
+    div_factor: float
+    final_div_factor: float

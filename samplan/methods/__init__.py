@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 
 from samplan.errors import SamplanError
+from samplan.methods.autosam2.method import AutoSAM2Method
 from samplan.methods.base import Method
 from samplan.methods.medsam.method import MedSAMMethod
 from samplan.methods.promise.method import PromiseMethod
@@ -17,6 +18,7 @@ METHODS: dict[str, Method] = {
     "medsam": MedSAMMethod(),
     "samzeroshot": SAMZeroShotMethod(),
     "promise": PromiseMethod(),
+    "autosam2": AutoSAM2Method(),
 }
 
 

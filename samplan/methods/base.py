@@ -88,6 +88,10 @@ class Method(ABC):
         fingerprint does not: channel names, labels and regions.
         """
 
+    def not_applicable(self, base_plan: dict[str, Any]) -> str | None:
+        """Why this method cannot serve a dataset with this base plan (e.g. a 3D method and 2D images), else None."""
+        return None
+
     def configurations(self, section: Any) -> list[str]:
         """Configurations this method works on, from its section (the first is the default)."""
         return list(section.configurations)

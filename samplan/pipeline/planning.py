@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from samplan.dataset.dataset_json import load_dataset_json
 from samplan.dataset.verify import verify_dataset
+from samplan.errors import SamplanError
 from samplan.experiment_planning.budget import ComputeBudget
 from samplan.experiment_planning.fingerprint import extract_fingerprint
 from samplan.experiment_planning.planner import plan_base
@@ -29,13 +30,22 @@ def plan_experiment(
     overwrite_target_spacing: Sequence[float] | None = None,
     budget: ComputeBudget | None = None,
 ) -> dict[str, Any]:
-    """The plans.json dict: base plan + plans["methods"][name] for each method (all registered if None)."""
+    """The plans.json dict: base plan + plans["methods"][name] for each method (all registered if None).
+
+    A method that cannot serve the dataset (e.g. a 3D method and 2D images) is left out with a note when all
+    methods are planned, and is an error when it was asked for by name."""
     budget = budget or ComputeBudget()
     chosen = [get_method(m) for m in (available_methods() if methods is None else methods)]  # fail before work
     plans = plan_base(dataset_name, dataset_json, fingerprint, overwrite_target_spacing, budget)
-    plans["methods"] = {
-        m.name: m.plan_section(fingerprint, copy.deepcopy(plans), budget, dataset_json).to_dict() for m in chosen
-    }
+    plans["methods"] = {}
+    for m in chosen:
+        why = m.not_applicable(plans)
+        if why and methods is not None:
+            raise SamplanError(f"{why}; leave -m {m.name} out for this dataset.")
+        if why:
+            print(f"not planning {m.name}: {why}")
+            continue
+        plans["methods"][m.name] = m.plan_section(fingerprint, copy.deepcopy(plans), budget, dataset_json).to_dict()
     return plans
 
 

@@ -39,13 +39,15 @@ def train_fold(
     precision: str = "auto",
     method_overrides: dict[str, Any] | None = None,
     save_probabilities: bool = False,
+    validation_tta: bool = True,
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
     `only_validate` runs only the final validation of checkpoint_final; `final_validation=False` skips it after
     training. `precision`: auto|fp32|bf16|fp16 autocast (samplan.devices). `method_overrides`: keys merged into the
     method's plan section (samplan.training.trainer.prepare_fold). `save_probabilities`: the final validation also
-    writes {case}.npz probabilities in the original geometry (for ensembles). A method without training gets its model folder
+    writes {case}.npz probabilities in the original geometry (for ensembles); `validation_tta=False` validates without
+    mirroring (faster, e.g. for benchmarks). A method without training gets its model folder
     (samplan.training.trainer.write_untrained_fold). The other arguments: samplan.training.trainer.train.
     """
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
@@ -60,7 +62,7 @@ def train_fold(
                        continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
                        num_workers=num_workers, precision=precision)
     if final_validation or only_validate:
-        run_final_validation(s, dev, logger, precision, save_probabilities)
+        run_final_validation(s, dev, logger, precision, save_probabilities, tta=validation_tta)
     return s.fold_dir
 
 
@@ -77,7 +79,7 @@ def validation_images(s: FoldSetup) -> dict[str, list[Path]]:
 
 
 def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger, precision: str = "auto",
-                         save_probabilities: bool = False) -> dict[str, Any]:
+                         save_probabilities: bool = False, tta: bool = True) -> dict[str, Any]:
     """Predict the fold's validation cases from the raw images with checkpoint_final, evaluate them against
     gt_segmentations into fold_k/validation/summary.json and log the real Dice next to the last pseudo Dice."""
     ending = s.dataset_json["file_ending"]
@@ -90,7 +92,7 @@ def run_final_validation(s: FoldSetup, dev: torch.device, logger: TrainingLogger
     strategy = s.method.validation_prompt_strategy(s.mp)
     source = None if strategy is None else PromptSource(strategy=strategy, file_ending=ending,
                                                         reference_dir=s.preprocessed_dir / "gt_segmentations")
-    predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=True,
+    predictor = Predictor.from_model_dir(s.model_dir, folds=[s.fold], checkpoint="final", device=dev, tta=tta,
                                          progress=False, precision=precision, prompt_source=source)
     # a preprocessing thread (num_processes=0) overlaps the network work at no process start-up cost
     predictor.predict_cases(images, out_dir, save_probabilities=save_probabilities, overwrite=True, num_processes=0)

@@ -11,7 +11,10 @@ before a SAM encoder sees them (samplan.methods.sam_common.slice_input applies t
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
 
 from samplan.errors import SamplanError
 from samplan.experiment_planning.sections import PlanSection, info
@@ -172,3 +175,36 @@ def check_checkpoint_choice(method: str, checkpoint: str) -> None:
 
     if checkpoint.lower() not in ("auto", "none") and not Path(checkpoint).expanduser().is_file():
         raise SamplanError(f"{method} checkpoint {checkpoint} does not exist; give an existing file, 'auto' or 'none'.")
+
+
+def object_sizes_px(fingerprint: dict[str, Any], base_plan: dict[str, Any],
+                    configuration: str = "2d") -> dict[str, float] | None:
+    """Area-equivalent in-plane object edge (pixels at the configuration's target spacing): p05 and median, smallest
+    label.
+
+    Raw pixel extents are scaled by median raw spacing / target spacing per in-plane axis. None when
+    the fingerprint has no label statistics or no label occurs.
+    """
+    stats = fingerprint.get("label_statistics") or {}
+    per_label = stats.get("per_label") or {}
+    fwd = base_plan["transpose_forward"]
+    inplane_raw_axes = fwd[1:]
+    median_spacing = np.median(np.asarray(fingerprint["spacings"], dtype=float), axis=0)
+    target = base_plan["configurations"][configuration]["spacing"][-2:]
+    scale = [median_spacing[a] / t for a, t in zip(inplane_raw_axes, target)]
+    p05s, meds = [], []
+    for entry in per_label.values():
+        if not entry.get("cases_with_label"):
+            continue
+        if stats.get("slice_axis") == fwd[0] and "inplane_extent_pixels" in entry:
+            ext = entry["inplane_extent_pixels"]
+            p05, med = ext["p05"], ext["median"]
+        else:  # slices of another axis were measured: fall back on the 3D boxes' in-plane sides
+            ext = entry["extent_voxels"]
+            p05 = [ext["p05"][a] for a in inplane_raw_axes]
+            med = [ext["median"][a] for a in inplane_raw_axes]
+        p05s.append(math.sqrt(p05[0] * scale[0] * p05[1] * scale[1]))
+        meds.append(math.sqrt(med[0] * scale[0] * med[1] * scale[1]))
+    if not p05s:
+        return None
+    return {"p05": min(p05s), "median": min(meds)}

@@ -32,7 +32,7 @@ from samplan.errors import SamplanError
 from samplan.experiment_planning.budget import ComputeBudget
 from samplan.experiment_planning.recipe_sections import AdamW, Augmentation, ConstantSchedule, Schedule
 from samplan.experiment_planning.sections import PlanSection, info
-from samplan.methods.sam_common.plan import IntensityRule, channel_mode, intensity_rules
+from samplan.methods.sam_common.plan import IntensityRule, channel_mode, intensity_rules, object_sizes_px
 from samplan.models.specs import BackboneSpec, backbone_spec, backbones_of, channel_pixel_statistics
 
 NAME = "samunetr"
@@ -166,37 +166,6 @@ def batch_size_for(spec: BackboneSpec, size: int, budget: ComputeBudget) -> int:
     fixed = training_bytes(spec, size, 0)
     per_sample = training_bytes(spec, size, 1) - fixed
     return int(max(0, min(MAX_BATCH, (usable - fixed) // per_sample)))
-
-
-def object_sizes_px(fingerprint: dict[str, Any], base_plan: dict[str, Any]) -> dict[str, float] | None:
-    """Area-equivalent in-plane object edge (pixels at the 2d target spacing): p05 and median, smallest label.
-
-    Raw pixel extents are scaled by median raw spacing / target spacing per in-plane axis. None when
-    the fingerprint has no label statistics or no label occurs.
-    """
-    stats = fingerprint.get("label_statistics") or {}
-    per_label = stats.get("per_label") or {}
-    fwd = base_plan["transpose_forward"]
-    inplane_raw_axes = fwd[1:]
-    median_spacing = np.median(np.asarray(fingerprint["spacings"], dtype=float), axis=0)
-    target = base_plan["configurations"]["2d"]["spacing"]
-    scale = [median_spacing[a] / t for a, t in zip(inplane_raw_axes, target)]
-    p05s, meds = [], []
-    for entry in per_label.values():
-        if not entry.get("cases_with_label"):
-            continue
-        if stats.get("slice_axis") == fwd[0] and "inplane_extent_pixels" in entry:
-            ext = entry["inplane_extent_pixels"]
-            p05, med = ext["p05"], ext["median"]
-        else:  # slices of another axis were measured: fall back on the 3D boxes' in-plane sides
-            ext = entry["extent_voxels"]
-            p05 = [ext["p05"][a] for a in inplane_raw_axes]
-            med = [ext["median"][a] for a in inplane_raw_axes]
-        p05s.append(math.sqrt(p05[0] * scale[0] * p05[1] * scale[1]))
-        meds.append(math.sqrt(med[0] * scale[0] * med[1] * scale[1]))
-    if not p05s:
-        return None
-    return {"p05": min(p05s), "median": min(meds)}
 
 
 def plan_input_size(slice_size: float, objects: dict[str, float] | None, budget: ComputeBudget,
