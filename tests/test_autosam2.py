@@ -299,7 +299,7 @@ def test_plan_chooses_backbone_fraction_and_prompts_from_data_and_budget(prepare
     tiny = copy.deepcopy(fp)  # objects far too small on SAM's input: U-Net only
     for entry in tiny["label_statistics"]["per_label"].values():
         if entry.get("inplane_extent_pixels"):
-            entry["inplane_extent_pixels"]["median"] = [0.5, 0.5]
+            entry["inplane_extent_pixels"]["p95"] = [0.5, 0.5]
     assert autosam2_plan.plan_section(tiny, base, ComputeBudget(), dj).slice_fraction == 0.0
 
 

@@ -32,6 +32,7 @@ from samplan.experiment_planning.recipe_sections import AdamW, OneCycleSchedule,
 from samplan.experiment_planning.sections import PlanSection, info
 from samplan.methods.sam_common.plan import (IntensityRule, channel_mode, intensity_rules, object_sizes_px,
                                              resolve_backbone, rgb_from_channels)
+from samplan.methods.sam_common.section import SAMModelSection
 from samplan.models.specs import BackboneSpec, backbone_spec, backbones_of
 
 NAME = "autosam2"
@@ -142,15 +143,9 @@ class Recipe(PlanSection):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AutoSAM2Section(PlanSection):
+class AutoSAM2Section(SAMModelSection):
     """plans["methods"]["autosam2"]."""
 
-    configurations: list[str]
-    backbone: str
-    planned_backbone: str
-    backbone_choices: list[str] = info()
-    checkpoint: str
-    input_size: int
     frozen_modules: list[str]
     frozen_reason: str = info()
     channels: Channels
@@ -200,16 +195,18 @@ def foreground_slice_fraction(fingerprint: dict[str, Any]) -> float | None:
 
 def plan_slice_fraction(fingerprint: dict[str, Any], base_plan: dict[str, Any], input_size: int,
                         budget: ComputeBudget) -> tuple[float, str]:
-    """The fraction of slices sent to SAM, and why: 0 when the objects are too small on SAM's input, else the paper's
-    0.3 or 0.6, whichever covers the slices that hold foreground; a CPU budget caps it at 0.3."""
+    """The fraction of slices sent to SAM, and why: 0 when even the large objects (p95 in-plane size of the label with
+    the largest) are too small on SAM's input, else the paper's 0.3 or 0.6, whichever covers the slices that hold
+    foreground; a CPU budget caps it at 0.3."""
     config = base_plan["configurations"][CONFIGURATION]
-    sizes = object_sizes_px(fingerprint, base_plan, CONFIGURATION)
+    # SAM helps where a structure's main objects are large enough on its input: the label with the largest decides
+    sizes = object_sizes_px(fingerprint, base_plan, CONFIGURATION, label="largest")
     slice_px = max(config["median_image_size_in_voxels"][1:])
     if sizes is not None:
-        on_input = sizes["median"] * input_size / max(slice_px, 1.0)
+        on_input = sizes["p95"] * input_size / max(slice_px, 1.0)
         if on_input < MIN_OBJECT_INPUT_PX:
-            return 0.0, (f"the median object is {on_input:.1f} px on SAM's {input_size} px input (< "
-                         f"{MIN_OBJECT_INPUT_PX:g}): too small for SAM's mask grid; U-Net only")
+            return 0.0, (f"the largest objects (p95 of the label with the largest ones) are {on_input:.1f} px on SAM's "
+                         f"{input_size} px input (< {MIN_OBJECT_INPUT_PX:g}): too small for SAM's mask grid; U-Net only")
     fg = foreground_slice_fraction(fingerprint)
     wanted = 0.6 if fg is None or fg > 0.45 else 0.3
     why = (f"{'unknown' if fg is None else f'{fg:.2f}'} of a case's slices hold foreground: the paper's {wanted} "

@@ -178,10 +178,11 @@ def load_adapter_weights(adapter: SamAdapter, spec: BackboneSpec, checkpoint: st
     from samplan.models import weights as model_weights
 
     if spec.family != "sam2":
-        return load_sam_weights(adapter.model, spec, checkpoint, input_size, (), "autosam2")[0]
+        source, sha = load_sam_weights(adapter.model, spec, checkpoint, input_size, (), "autosam2", identify=True)
+        return source if is_random(checkpoint, spec) else f"{source} (sha256 {sha[:12]})"
     if is_random(checkpoint, spec):
         return "random weights" + (" (no official weights for this backbone)" if checkpoint == "auto" else "")
     path = model_weights.resolve_weights(spec.weights, None) if checkpoint == "auto" else Path(checkpoint).expanduser()
     state = model_weights.load_backbone_state(spec, path, part="model")
     model_weights.load_strict(adapter.model, state, spec.name, path)
-    return f"weights from {path}"
+    return f"weights from {path} (sha256 {model_weights.sha256_file(path)[:12]})"

@@ -177,10 +177,11 @@ def check_checkpoint_choice(method: str, checkpoint: str) -> None:
         raise SamplanError(f"{method} checkpoint {checkpoint} does not exist; give an existing file, 'auto' or 'none'.")
 
 
-def object_sizes_px(fingerprint: dict[str, Any], base_plan: dict[str, Any],
-                    configuration: str = "2d") -> dict[str, float] | None:
-    """Area-equivalent in-plane object edge (pixels at the configuration's target spacing): p05 and median, smallest
-    label.
+def object_sizes_px(fingerprint: dict[str, Any], base_plan: dict[str, Any], configuration: str = "2d",
+                    label: str = "smallest") -> dict[str, float] | None:
+    """Area-equivalent in-plane object edges (pixels at the configuration's target spacing), "p05", "median" and
+    "p95": each the smallest over the labels (`label` "smallest"), or those of the label whose p95 object is the
+    largest ("largest": fragmented label maps have many specks, so the large objects say more of what is there).
 
     Raw pixel extents are scaled by median raw spacing / target spacing per in-plane axis. None when
     the fingerprint has no label statistics or no label occurs.
@@ -192,19 +193,17 @@ def object_sizes_px(fingerprint: dict[str, Any], base_plan: dict[str, Any],
     median_spacing = np.median(np.asarray(fingerprint["spacings"], dtype=float), axis=0)
     target = base_plan["configurations"][configuration]["spacing"][-2:]
     scale = [median_spacing[a] / t for a, t in zip(inplane_raw_axes, target)]
-    p05s, meds = [], []
+    sizes: list[dict[str, float]] = []
     for entry in per_label.values():
         if not entry.get("cases_with_label"):
             continue
         if stats.get("slice_axis") == fwd[0] and "inplane_extent_pixels" in entry:
-            ext = entry["inplane_extent_pixels"]
-            p05, med = ext["p05"], ext["median"]
+            ext = {k: entry["inplane_extent_pixels"][k] for k in ("p05", "median", "p95")}
         else:  # slices of another axis were measured: fall back on the 3D boxes' in-plane sides
-            ext = entry["extent_voxels"]
-            p05 = [ext["p05"][a] for a in inplane_raw_axes]
-            med = [ext["median"][a] for a in inplane_raw_axes]
-        p05s.append(math.sqrt(p05[0] * scale[0] * p05[1] * scale[1]))
-        meds.append(math.sqrt(med[0] * scale[0] * med[1] * scale[1]))
-    if not p05s:
+            ext = {k: [entry["extent_voxels"][k][a] for a in inplane_raw_axes] for k in ("p05", "median", "p95")}
+        sizes.append({k: math.sqrt(v[0] * scale[0] * v[1] * scale[1]) for k, v in ext.items()})
+    if not sizes:
         return None
-    return {"p05": min(p05s), "median": min(meds)}
+    if label == "smallest":
+        return {k: min(s[k] for s in sizes) for k in ("p05", "median", "p95")}
+    return max(sizes, key=lambda s: s["p95"])

@@ -1,4 +1,4 @@
-"""The plan keys every prompted SAM model section shares (medsam, samzeroshot; promise next): which backbone, at which
+"""The plan keys every SAM model section shares (medsam, samzeroshot, promise, autosam2): which backbone, at which
 input size, with which weights."""
 from __future__ import annotations
 
