@@ -190,8 +190,10 @@ def test_one_step_changes_mapper_bridge_and_unet_and_no_frozen_sam_weight(prepar
     assert any(n.startswith(decoder) for n in changed)  # planned trainable
 
 
-def test_gradient_reaches_the_mapper_through_a_fully_frozen_sam(prepared):
-    plans = tiny_plans(prepared["plans_labels"], frozen_modules=["image_encoder", "prompt_encoder", "mask_decoder"])
+@pytest.mark.parametrize("trains_unet", [False, True])
+def test_gradient_reaches_the_mapper_through_a_fully_frozen_sam(prepared, trains_unet):
+    plans = tiny_plans(prepared["plans_labels"], frozen_modules=["image_encoder", "prompt_encoder", "mask_decoder"],
+                       branch={"bridge_trains_unet": trains_unet})
     mp, net = confident_network(plans, 1, 3)
     assert not any(p.requires_grad for p in net.sam.parameters())
     net.train()
@@ -201,8 +203,21 @@ def test_gradient_reaches_the_mapper_through_a_fully_frozen_sam(prepared):
     branch.logits.sum().backward()
     assert net.mapper.features[0][0].weight.grad.abs().sum() > 0
     assert net.bridge.body[0].weight.grad.abs().sum() > 0
-    assert net.unet.up[1].body[0].weight.grad.abs().sum() > 0  # the bridged features train the U-Net too
+    unet_grad = net.unet.up[1].body[0].weight.grad
+    # the planned default: SAM's loss does not reach the U-Net; with bridge_trains_unet it does, through the bridge
+    assert (unet_grad is not None and unet_grad.abs().sum() > 0) == trains_unet
     assert all(p.grad is None for p in net.sam.parameters())
+
+
+def test_sam_parts_learn_at_the_planned_fraction_of_the_learning_rate(prepared):
+    mp, net = confident_network(tiny_plans(prepared["plans_labels"]), 1, 3)
+    recipe = get_method("autosam2").training_recipe(mp, _label_manager(prepared["labels"]))
+    opt = recipe.make_optimizer(recipe.param_groups(net))
+    new, sam = opt.param_groups
+    decoder = {id(p) for p in net.sam.part("mask_decoder").parameters()}
+    assert {id(p) for p in sam["params"]} == decoder  # the frozen encoders never reach the optimiser
+    assert sam["lr"] == pytest.approx(new["lr"] * mp.section.recipe.sam_lr_scale) and mp.section.recipe.sam_lr_scale == 0.1
+    assert {id(p) for p in net.mapper.parameters()} <= {id(p) for p in new["params"]}
 
 
 def test_the_mapper_starts_from_the_planned_channels_image(prepared):
@@ -348,3 +363,26 @@ def _label_manager(ds):
     from samplan.dataset.labels import LabelManager
 
     return LabelManager.from_dataset_json(load_json(ds / "dataset.json"))
+
+
+def test_one_cycle_schedule_rises_to_the_peak_falls_to_the_end_and_resumes():
+    from samplan.engine.optim import OneCycleLRScheduler
+
+    def run(epochs: int, state=None, steps: int | None = None):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = OneCycleLRScheduler(opt, epochs, pct_start=0.4, div_factor=10, final_div_factor=400)
+        if state is not None:
+            sched.load_state_dict(state)
+        lrs = []
+        for _ in range(epochs if steps is None else steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return lrs, sched.state_dict()
+
+    lrs, _ = run(11)
+    assert lrs[0] == pytest.approx(1e-4) and lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 4000)
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5])) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    first, state = run(11, steps=6)
+    rest, _ = run(11, state=state, steps=5)
+    assert first + rest == pytest.approx(lrs)  # a continued run follows the same curve

@@ -111,8 +111,17 @@ def make_optimizer(section: Optimizer) -> Callable[[Iterable[nn.Parameter]], tor
 
 
 def _trainable_only(make: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                    ) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
-    def make_trainable(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+                    ) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
+    def make_trainable(params: Iterable[Any]) -> torch.optim.Optimizer:
+        params = list(params)
+        if params and isinstance(params[0], dict):  # parameter groups: "lr_scale" x the optimiser's lr
+            groups = [({"params": [p for p in g["params"] if p.requires_grad]}, float(g.get("lr_scale", 1.0)))
+                      for g in params]
+            groups = [(g, scale) for g, scale in groups if g["params"]]
+            optimizer = make([g for g, _ in groups])
+            for group, (_, scale) in zip(optimizer.param_groups, groups):
+                group["lr"] = group["lr"] * scale
+            return optimizer
         return make([p for p in params if p.requires_grad])
 
     return make_trainable

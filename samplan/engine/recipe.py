@@ -33,6 +33,9 @@ class TrainingRecipe:
     augmentation: dict[str, Any] = field(default_factory=dict)
     mirror_axes: tuple[int, ...] = ()
     grad_clip: float | None = 12.0
+    # optional: the network's parameters as optimiser groups (e.g. a lower learning rate for pretrained parts); the
+    # groups' "lr_scale" multiplies the optimiser's learning rate. None: one group of all parameters
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
     # set by the trainer, not the method: torch.amp.GradScaler when training with AMP on CUDA, else None
     grad_scaler: Any = None
     # set by the trainer from --precision: the autocast dtype of forward passes (None = float32)

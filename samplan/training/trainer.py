@@ -227,7 +227,7 @@ def _start(s: FoldSetup, recipe: TrainingRecipe, logger: TrainingLogger, state: 
     `initialize_pretrained`, then --pretrained-weights)."""
     seed_everything(seed)  # the initial weights depend on the seed only
     network = s.method.build_network(s.mp, s.num_input_channels, s.label_manager.num_outputs).to(dev)
-    optimizer = recipe.make_optimizer(network.parameters())
+    optimizer = recipe.make_optimizer(recipe.param_groups(network) if recipe.param_groups else network.parameters())
     run = Run(network, optimizer, recipe.make_scheduler(optimizer, recipe.num_epochs), recipe, logger, seed)
     recipe.autocast_dtype = autocast_dtype(dev, precision)
     if recipe.autocast_dtype == torch.float16:  # bf16 has float32's range: no loss scaling needed

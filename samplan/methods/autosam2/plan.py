@@ -46,6 +46,8 @@ CPU_MAX_FRACTION = 0.3
 CPU_SAM_SLICES_PER_STEP = 2
 MIN_OBJECT_INPUT_PX = 16.0  # below this (4 cells of SAM's 4x-downsampled mask grid) SAM cannot delineate an object
 PART_NAMES = ("image_encoder", "prompt_encoder", "mask_decoder")
+REFERENCE_SLICE_PX = 240  # the reference's pixel settings are for BraTS' 240 x 240 axial slices
+SAM_LR_SCALE = 0.1  # pretrained SAM parts at 1e-4 (MedSAM's fine-tuning rate) while the new modules take 1e-3
 WEIGHTS_BUFFER = "autosam2_sam_weights_id"
 
 
@@ -79,13 +81,16 @@ class UNet(PlanSection):
 
 @dataclass(frozen=True, kw_only=True)
 class Branch(PlanSection):
-    """Widths of the MRI-to-RGB mapper and of the bridge, and the bridge's starting output scale (a small one keeps
-    the pretrained embedding dominant at first: LiteMedSAM's embedding has a std of about 0.12)."""
+    """Widths of the MRI-to-RGB mapper and of the bridge, the bridge's starting output scale (a small one keeps the
+    pretrained embedding dominant at first: LiteMedSAM's embedding has a std of about 0.12), and whether SAM's loss
+    also trains the U-Net through the bridge (else the bridge reads the U-Net's features without changing them)."""
 
     mapper_width: int
     bridge_width: int
     bridge_reduction: int
     bridge_initial_scale: float
+    bridge_trains_unet: bool
+    bridge_trains_unet_reason: str = info()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +110,7 @@ class Prompt(PlanSection):
     box_dilation_px: int
     box_pad_fraction: float
     box_pad_min_px: float
+    geometry_reason: str = info()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +140,8 @@ class Recipe(PlanSection):
     loss: Loss
     optimizer: Optimizer
     lr_schedule: Schedule
+    sam_lr_scale: float
+    sam_lr_reason: str = info()
     num_epochs: int
     num_iterations_per_epoch: int
     num_val_iterations_per_epoch: int
@@ -217,6 +225,20 @@ def plan_slice_fraction(fingerprint: dict[str, Any], base_plan: dict[str, Any], 
     return wanted, why
 
 
+def plan_prompt(spec: BackboneSpec, slice_px: float) -> Prompt:
+    """AutoSAM2's prompt settings with its pixel sizes (set for 240-px BraTS slices) scaled to this dataset's median
+    slice: a 5-px box margin around a hippocampus slice of 50 px would double the box SAM is given."""
+    scale = slice_px / REFERENCE_SLICE_PX
+    output, output_reason = prompt_output(spec)
+    return Prompt(output=output, output_reason=output_reason, threshold=0.5, min_pixels=10, num_positive=5,
+                  positive_spacing_px=round(max(1.0, 5.0 * scale), 1), num_negative=3, negative_threshold=0.3,
+                  negative_ring_px=max(1, round(3 * scale)), negative_spacing_px=round(max(1.0, 10.0 * scale), 1),
+                  box_dilation_px=round(3 * scale), box_pad_fraction=0.1, box_pad_min_px=round(max(1.0, 5.0 * scale), 1),
+                  geometry_reason=(f"AutoSAM2's pixel sizes (box dilation 3, margin >= 5, point spacing 5/10, ring 3) are "
+                                   f"for {REFERENCE_SLICE_PX}-px slices; scaled by {scale:.2f} to this dataset's "
+                                   f"{slice_px:.0f}-px median slice"))
+
+
 def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget: ComputeBudget,
                  dataset_json: dict[str, Any]) -> AutoSAM2Section:
     """U-Net topology, SAM backbone and its frozen parts, mapper/bridge widths, slice fraction, prompts, fusion and
@@ -231,7 +253,6 @@ def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget:
     fg_props = base_plan["foreground_intensity_properties_per_channel"]
     fraction, fraction_reason = plan_slice_fraction(fingerprint, base_plan, size, budget)
     strides, strides_reason = pool_strides(config)
-    output, output_reason = prompt_output(spec)
     use_regions = uses_regions(dataset_json)
     outputs = ([str(list(r)) for r in regions(dataset_json)] if use_regions
                else [str(v) for v in foreground_labels(dataset_json)])
@@ -239,6 +260,10 @@ def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget:
         loss=Loss(name="dice+bce", weight_dice=0.7, weight_bce=0.3, weight_sam=1.0),
         optimizer=AdamW(name="AdamW", lr=1e-3, weight_decay=1e-4),
         lr_schedule=OneCycleSchedule(name="one_cycle", pct_start=0.4, div_factor=10.0, final_div_factor=400.0),
+        sam_lr_scale=SAM_LR_SCALE,
+        sam_lr_reason=("the trainable pretrained SAM parts (frozen_modules decides which) learn at lr x 0.1 = MedSAM's "
+                       "fine-tuning rate; at 1e-3 the mask decoder drifted from its pretrained answers (Hippocampus, "
+                       "60 steps: the fused Dice fell from 0.79 zero-shot to 0.70)"),
         num_epochs=100, num_iterations_per_epoch=250, num_val_iterations_per_epoch=20,
         oversample_foreground_percent=0.33, grad_clip=1.0,
         augmentation="nnU-Net's 3D augmentation for the planned patch (rotation, scaling, intensity, mirroring)")
@@ -253,16 +278,19 @@ def plan_section(fingerprint: dict[str, Any], base_plan: dict[str, Any], budget:
         unet=UNet(features=list(FEATURES), stem_kernel=5, dropout=0.15, pool_strides=strides,
                   pool_strides_reason=strides_reason,
                   bridge_features="the decoder's 32-channel level (a quarter of the resolution in pooled axes)"),
-        branch=Branch(mapper_width=16, bridge_width=128, bridge_reduction=4, bridge_initial_scale=0.01),
+        branch=Branch(mapper_width=16, bridge_width=128, bridge_reduction=4, bridge_initial_scale=0.01,
+                      bridge_trains_unet=False,
+                      bridge_trains_unet_reason=("SAM's loss pulled the U-Net's features towards what SAM's decoder "
+                                                 "wants and cost the U-Net's own Dice (Hippocampus, 60 steps: 0.80 -> "
+                                                 "0.77); the bridge reads the features, the U-Net learns from its "
+                                                 "own loss")),
         slice_fraction=fraction, slice_fraction_reason=fraction_reason,
         max_sam_slices_per_step=CPU_SAM_SLICES_PER_STEP if cpu else None,
         max_sam_slices_reason=(f"CPU: a slice through SAM's encoder with gradients to the mapper costs ~6 s on 2 cores, "
                                f"so a training step sends at most {CPU_SAM_SLICES_PER_STEP} of its selected, prompted "
                                "slices (prediction processes every selected slice)" if cpu else
                                "GPU: every selected, prompted slice of the batch"),
-        prompt=Prompt(output=output, output_reason=output_reason, threshold=0.5, min_pixels=10, num_positive=5,
-                      positive_spacing_px=5.0, num_negative=3, negative_threshold=0.3, negative_ring_px=3,
-                      negative_spacing_px=10.0, box_dilation_px=3, box_pad_fraction=0.1, box_pad_min_px=5.0),
+        prompt=plan_prompt(spec, float(max(config["median_image_size_in_voxels"][1:]))),
         fusion=Fusion(background_weight=0.5, tumour_weight=0.5),
         recipe=recipe, regions=use_regions, outputs=outputs, budget=budget.to_dict())
 

@@ -29,10 +29,18 @@ from samplan.methods.autosam2.rows import foreground_probabilities, prompt_setti
 from samplan.methods.autosam2.slices import select_slices
 
 
+def parameter_groups(net: AutoSAM2Net, sam_lr_scale: float) -> list[dict[str, Any]]:
+    """The new modules (U-Net, mapper, bridge) at the optimiser's learning rate, SAM's parts at `sam_lr_scale` x it."""
+    sam = {id(p) for p in net.sam.parameters()}
+    return [{"params": [p for p in net.parameters() if id(p) not in sam], "lr_scale": 1.0},
+            {"params": list(net.sam.parameters()), "lr_scale": float(sam_lr_scale)}]
+
+
 def autosam2_recipe(section: AutoSAM2Section, cfg: Mapping[str, Any], label_manager: LabelManager) -> TrainingRecipe:
-    """Dice + CE/BCE (0.7/0.3) without deep supervision, AdamW with a one-cycle schedule, gradient clipping 1.0,
-    nnU-Net's 3D augmentation; patch and batch of the base 3D configuration."""
+    """Dice + CE/BCE (0.7/0.3) without deep supervision, AdamW with a one-cycle schedule (SAM's trainable parts at a
+    lower rate), gradient clipping 1.0, nnU-Net's 3D augmentation; patch and batch of the base 3D configuration."""
     r = section.recipe
+    sam_lr_scale = float(r.sam_lr_scale)
     loss = build_segmentation_loss(label_manager.has_regions, batch_dice=False, ignore_label=label_manager.ignore_label,
                                    weight_ce=float(r.loss.weight_bce), weight_dice=float(r.loss.weight_dice))
     aug = augmentation_params(cfg["patch_size"], cfg["spacing"])
@@ -42,7 +50,8 @@ def autosam2_recipe(section: AutoSAM2Section, cfg: Mapping[str, Any], label_mana
         num_epochs=int(r.num_epochs), iterations_per_epoch=int(r.num_iterations_per_epoch),
         val_iterations_per_epoch=int(r.num_val_iterations_per_epoch), batch_size=int(cfg["batch_size"]),
         patch_size=tuple(int(p) for p in cfg["patch_size"]), oversample_foreground=float(r.oversample_foreground_percent),
-        deep_supervision_scales=None, augmentation=aug, mirror_axes=tuple(aug["mirror_axes"]), grad_clip=r.grad_clip)
+        deep_supervision_scales=None, augmentation=aug, mirror_axes=tuple(aug["mirror_axes"]), grad_clip=r.grad_clip,
+        param_groups=lambda net: parameter_groups(net, sam_lr_scale))
 
 
 @dataclass
@@ -59,6 +68,7 @@ def run_branch(net: AutoSAM2Net, data: torch.Tensor, logits: torch.Tensor, featu
                section: AutoSAM2Section, regions: bool) -> BranchBatch | None:
     """The SAM branch on the planned, prompted slices of a batch of patches (at most the planned number per step)."""
     depth = data.shape[2]
+    trains_unet = bool(section.branch.bridge_trains_unet)
     chosen = select_slices(depth, float(section.slice_fraction))
     if not chosen:
         return None
@@ -77,6 +87,8 @@ def run_branch(net: AutoSAM2Net, data: torch.Tensor, logits: torch.Tensor, featu
     z = torch.tensor([chosen[i % n] for i in candidates], device=data.device)
     rows = renumber(per_slice, candidates)
     slices = data[b, :, z]
+    if not trains_unet:  # the bridge reads the U-Net's features without training them
+        features = features.detach()
     return BranchBatch(b, z, rows, net.refine(slices, feature_slices(features, b, z, depth), rows))
 
 
@@ -138,10 +150,10 @@ def step(net: AutoSAM2Net, batch: dict[str, Any], recipe: TrainingRecipe, device
     return {"loss": float(loss.detach()), "sam_slices": 0 if branch is None else len(branch.z)}
 
 
-def _backward_and_step(net: nn.Module, loss: torch.Tensor, recipe: TrainingRecipe,
+def _backward_and_step(net: AutoSAM2Net, loss: torch.Tensor, recipe: TrainingRecipe,
                        optimizer: torch.optim.Optimizer) -> None:
-    """Backward, gradient-norm clipping of the trainable parameters, optimiser step (loss scaling for float16)."""
-    params = [p for p in net.parameters() if p.requires_grad]
+    """Backward, gradient-norm clipping, optimiser step (loss scaling for float16). The U-Net and the SAM branch are
+    clipped separately: the branch's larger gradients would otherwise shrink every U-Net step."""
     scaler = recipe.grad_scaler
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -149,7 +161,11 @@ def _backward_and_step(net: nn.Module, loss: torch.Tensor, recipe: TrainingRecip
     else:
         loss.backward()
     if recipe.grad_clip:
-        nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        unet = {id(p) for p in net.unet.parameters()}
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        for part in ([p for p in trainable if id(p) in unet], [p for p in trainable if id(p) not in unet]):
+            if part:
+                nn.utils.clip_grad_norm_(part, recipe.grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
