@@ -58,9 +58,9 @@ class UNet3D(nn.Module):
             if any(s > 1 for s in stride) and all(n >= s for n, s in zip(h.shape[2:], stride)):
                 h = F.max_pool3d(h, stride, stride)
             skips.append(block(h))
-        h, bridge = skips[4], None
+        h, bridge = skips.pop(), None
         for i, block in enumerate(self.up):
-            skip = skips[3 - i]
+            skip = skips.pop()  # each level is released once used: lower peak memory on large windows
             h = F.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
             h = block(torch.cat([skip, h], 1))
             if i < 3:
