@@ -15,7 +15,8 @@ gets prompts from a U-Net that sees the structures, instead of from an untrained
 (what `samplan_train -m autosam2` runs) with the plan's `slice_fraction` overridden, in a process of its own so that
 its peak RSS is its own, followed by the final validation of the fold's validation cases in their original
 geometry (mirroring off unless --tta). Every row trains the same iterations (warm-up + epochs x iters).
-Printed per row: Dice per label or region and their mean, seconds per training iteration (epoch time, its few
+Printed per row: Dice per label or region and their mean, the mean Dice of the same model's U-Net alone (SAM
+branch switched off at prediction: what the branch changed), seconds per training iteration (epoch time, its few
 validation batches included, over the training iterations), the training and validation wall times and the peak
 RSS. Compare rows of one run: timings on shared machines drift by 30 % between runs.
 """
@@ -60,6 +61,36 @@ def _small_splits(raw: Path, k: int) -> None:
     (raw / "splits_final.json").write_text(json.dumps(splits, indent=2))
 
 
+def unet_alone(fold_dir: Path, fold: int, out: Path) -> dict:
+    """The summary of the fold's validation cases predicted by the same trained model with the SAM branch off
+    (slice fraction 0 in a copy of its model folder): what the branch itself changed, apart from the U-Net."""
+    from samplan.dataset.dataset_json import group_images_by_case
+    from samplan.evaluation.evaluate import dataset_settings, evaluate_folders
+    from samplan.inference.predictor import Predictor
+    from samplan.paths import preprocessed_root, raw_root
+    from samplan.utils import load_json, save_json
+
+    model = fold_dir.parent
+    copy = out / model.parent.name / model.name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "checkpoint_best.pth",
+                                                              "checkpoint_latest.pth"))
+    plans = load_json(copy / "plans.json")
+    plans["methods"]["autosam2"]["slice_fraction"] = 0.0
+    save_json(plans, copy / "plans.json")
+    dataset = model.parent.name
+    meta = load_json(copy / "dataset.json")
+    val = load_json(preprocessed_root() / dataset / "splits_final.json")[fold]["val"]
+    images = group_images_by_case(raw_root() / dataset / "imagesTr", meta["file_ending"])
+    pred = copy / "pred"
+    Predictor.from_model_dir(copy, folds=[fold], device="cpu", tta=False, progress=False).predict_cases(
+        {c: images[c] for c in val}, pred, overwrite=True, num_processes=0)
+    targets, ignore, ending = dataset_settings(str(copy / "dataset.json"))
+    return evaluate_folders(preprocessed_root() / dataset / "gt_segmentations", pred, targets, ending,
+                            output_file=pred / "summary.json", ignore_label=ignore, num_processes=1,
+                            only_predicted=True, progress=False)
+
+
 def run_row(args: argparse.Namespace) -> None:
     """Child process: train and validate one fraction, write its numbers as JSON."""
     from samplan.pipeline.train import train_fold
@@ -77,11 +108,13 @@ def run_row(args: argparse.Namespace) -> None:
     val_secs = time.perf_counter() - t0
     progress = load_json(fold_dir / "progress.json")
     summary = load_json(fold_dir / "validation" / "summary.json")
+    alone = unet_alone(fold_dir, args.fold, Path(args.result).parent / f"unet_alone_{args.row:g}")
     log = (fold_dir / "training_log.txt").read_text()
     shutil.copy(fold_dir / "training_log.txt", Path(args.result).with_suffix(".log"))
     Path(args.result).write_text(json.dumps({
         "fraction": args.row, "dice": {k: v["Dice"] for k, v in summary["mean"].items()},
         "fg_dice": summary["foreground_mean"]["Dice"], "cases": len(summary["metric_per_case"]),
+        "unet_alone": alone["foreground_mean"]["Dice"],
         "sec_per_it": sum(progress["epoch_time"]) / (args.epochs * args.iters), "train_s": train_secs,
         "val_s": val_secs, "log_tail": log.splitlines()[-1]}))
 
@@ -176,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return 1
     keys = list(results[0]["dice"])
-    header = ["slice fraction", *[f"Dice {k}" for k in keys], "mean", "cases", "s/it", "train s", "val s", "peak RSS GB"]
-    rows = [[f"{r['fraction']:g}", *[f"{r['dice'][k]:.4f}" for k in keys], f"{r['fg_dice']:.4f}", str(r["cases"]),
+    header = ["slice fraction", *[f"Dice {k}" for k in keys], "mean", "its U-Net alone", "cases", "s/it", "train s",
+              "val s", "peak RSS GB"]
+    rows = [[f"{r['fraction']:g}", *[f"{r['dice'][k]:.4f}" for k in keys], f"{r['fg_dice']:.4f}",
+             f"{r['unet_alone']:.4f}", str(r["cases"]),
              f"{r['sec_per_it']:.2f}", f"{r['train_s']:.0f}", f"{r['val_s']:.0f}", f"{r['peak_rss_gb']:.2f}"]
             for r in results]
     warm = f"{args.warmup} U-Net-only + " if args.warmup else ""
