@@ -207,3 +207,25 @@ def test_16bit_png_mask_values_not_wrapped(tmp_path):
     assert sorted(np.unique(seg).tolist()) == [0, 65535]
     img, _ = read_images([tmp_path / "m16.png"])
     assert img.shape == (1, 1, 10, 12) and img.max() == 65535.0
+
+
+def test_pixel_limit_refuses_large_images(tmp_path, monkeypatch):
+    f = tmp_path / "wide_0000.png"
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(f)
+    monkeypatch.setenv("SAMPLAN_MAX_IMAGE_PIXELS", "100000")
+    for check in (True, False):  # the PNG header check, and PIL's own bomb check behind it
+        with pytest.raises(DatasetError, match=r"wide_0000\.png.*100000 pixels.*SAMPLAN_MAX_IMAGE_PIXELS"):
+            read_images([f], check=check)
+    monkeypatch.setenv("SAMPLAN_MAX_IMAGE_PIXELS", "120000")
+    assert read_images([f])[0].shape == (1, 1, 300, 400)
+
+
+def test_byte_limit_refuses_large_volume_before_reading(tmp_path, monkeypatch):
+    f = tmp_path / "vol_0000.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30, 40), np.float32)), str(f))  # 96000 bytes
+    monkeypatch.setenv("SAMPLAN_MAX_IMAGE_BYTES", "50000")
+    for check in (True, False):  # the header check of integrity, and ReadImageInformation in the reader
+        with pytest.raises(DatasetError, match=r"vol_0000\.nrrd.*above the limit.*SAMPLAN_MAX_IMAGE_BYTES"):
+            read_images([f], check=check)
+    monkeypatch.setenv("SAMPLAN_MAX_IMAGE_BYTES", "96000")
+    assert read_images([f])[0].shape == (1, 20, 30, 40)

@@ -4,6 +4,8 @@ Arrays crossing this boundary are channel-first `(C, Z, Y, X)` in numpy (SimpleI
 `properties["spacing"]` is given in that same order (mm). 2D images become `(C, 1, Y, X)` with a
 large dummy spacing on the first axis, as nnU-Net does, so 2D and 3D share one code path.
 `properties` is plain JSON: everything needed to write a label map back with the input's geometry.
+Every read first runs `integrity.file_problems` (the libraries read truncated or corrupted files silently) and
+refuses images above the size limits (SAMPLAN_MAX_IMAGE_BYTES / SAMPLAN_MAX_IMAGE_PIXELS) before allocating them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from samplan.dataset.integrity import MAX_PIXELS_ENV, file_problems, max_image_pixels, too_large
+from samplan.dataset.integrity_natural import pil_pixel_limit
 from samplan.errors import DatasetError
 
 SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
@@ -41,7 +45,15 @@ def _kind(path: str | Path) -> str:
 def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
     """One SimpleITK file -> (C, Z, Y, X) array and geometry."""
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        # refuse an absurd header before ITK allocates it: a damaged or hostile file must not exhaust memory
+        one_voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+        if msg := too_large(int(np.prod(reader.GetSize(), dtype=np.int64)) * sitk.GetArrayViewFromImage(one_voxel).nbytes,
+                            "its header"):
+            raise DatasetError(f"{path}: {msg}")
+        img = reader.Execute()
     except RuntimeError as e:
         raise DatasetError(f"{path}: cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]}).") from e
     arr = sitk.GetArrayFromImage(img)
@@ -71,8 +83,17 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
 
 def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Properties]:
     """One 2D natural image (PNG, ...) -> (C, 1, Y, X): RGB keeps 3 channels, grey gives 1, alpha is dropped."""
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as im:
+        with pil_pixel_limit(limit):  # PIL's own bomb check, with samplan's limit
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: image is larger than the limit of {limit} pixels, a damaged header or a decompression "
+                           f"bomb ({e}). If it really is that large, set {MAX_PIXELS_ENV} higher.") from e
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot be read as an image ({e}).") from e
+    try:
+        with im:
             im.load()
             mode = im.mode
             # palette masks (VOC style) stay as they are: their pixel values are the label indices, not the colours
@@ -87,11 +108,15 @@ def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, Properti
     return arr, {"spacing": [_DUMMY_2D_FACTOR, 1.0, 1.0], "geometry": {"kind": "natural", "shape": list(arr.shape[2:])}}
 
 
-def _read_one(path: str | Path, label: bool = False) -> tuple[np.ndarray, Properties]:
+def _read_one(path: str | Path, label: bool = False, check: bool = True) -> tuple[np.ndarray, Properties]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path} does not exist.")
-    return _read_sitk(path) if _kind(path) == "sitk" else _read_natural(path, label)
+    kind = _kind(path)
+    # the readers accept truncated or corrupted files silently, so check the bytes first (verify does it itself)
+    if check and (problems := file_problems(path)):
+        raise DatasetError(" Also: ".join(problems))
+    return _read_sitk(path) if kind == "sitk" else _read_natural(path, label)
 
 
 def _same_geometry(a: Properties, b: Properties, tol: float = 1e-4) -> bool:
@@ -104,11 +129,14 @@ def _same_geometry(a: Properties, b: Properties, tol: float = 1e-4) -> bool:
     return all(np.allclose(ga[k], gb[k], atol=tol, rtol=tol) for k in ("spacing", "origin", "direction"))
 
 
-def read_images(files: Sequence[str | Path]) -> tuple[np.ndarray, Properties]:
-    """Read all channel files of one case -> float32 `(C, Z, Y, X)` and properties; geometry must agree."""
+def read_images(files: Sequence[str | Path], check: bool = True) -> tuple[np.ndarray, Properties]:
+    """Read all channel files of one case -> float32 `(C, Z, Y, X)` and properties; geometry must agree.
+
+    `check=False` skips the damage check (`integrity.file_problems`) for callers that ran it already.
+    """
     arrays, props = [], None
     for f in files:
-        arr, p = _read_one(f)
+        arr, p = _read_one(f, check=check)
         if props is None:
             props = p
         elif arr.shape[1:] != arrays[0].shape[1:]:
@@ -121,9 +149,9 @@ def read_images(files: Sequence[str | Path]) -> tuple[np.ndarray, Properties]:
     return np.vstack(arrays).astype(np.float32, copy=False), props
 
 
-def read_seg(file: str | Path) -> tuple[np.ndarray, Properties]:
-    """Read a label map -> integer `(1, Z, Y, X)` array and properties."""
-    arr, props = _read_one(file, label=True)
+def read_seg(file: str | Path, check: bool = True) -> tuple[np.ndarray, Properties]:
+    """Read a label map -> integer `(1, Z, Y, X)` array and properties (`check` as in `read_images`)."""
+    arr, props = _read_one(file, label=True, check=check)
     if arr.shape[0] != 1:
         # RGB-saved masks: every channel must carry the same label values
         if not all(np.array_equal(arr[0], arr[c]) for c in range(1, arr.shape[0])):
