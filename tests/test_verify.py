@@ -308,3 +308,21 @@ def test_cli_reports_problems_and_writes_nothing(synth3d, samplan_env, capsys):
     assert list(samplan_env["SAMPLAN_PREPROCESSED"].iterdir()) == []
     assert main(["-d", "900", "-np", "1"]) == 2  # the id form reaches the same check
     assert list(samplan_env["SAMPLAN_PREPROCESSED"].iterdir()) == []
+
+
+def test_damaged_real_files_reported_with_their_case(tmp_path):
+    # SimpleITK reads both files without complaint; verify must name each before anything is written
+    from damage import DAMAGES
+
+    ds = copy_shared_subset("Dataset004_Hippocampus", tmp_path, 3)
+    img = sorted((ds / "imagesTr").iterdir())[1]
+    lab = sorted((ds / "labelsTr").iterdir())[2]
+    for f, damage in ((img, "truncate_middle"), (lab, "flip_middle_byte")):
+        tmp = f.with_name("tmp_" + f.name)
+        f.rename(tmp)
+        DAMAGES[damage](tmp, f)
+        tmp.unlink()
+    problems = _problems(ds)
+    assert len(problems) == 2
+    _one(problems, f"case '{img.name[:-12]}'", f"imagesTr/{img.name}", "truncated")
+    _one(problems, f"case '{lab.name[:-7]}'", f"labelsTr/{lab.name}", "gzip data is corrupt")

@@ -1,8 +1,8 @@
 """Dataset verification: find every problem of a raw nnU-Net-format dataset before anything is written.
 
 nnU-Net stops at the first failed check; here all problems are collected (dataset.json schema, missing
-or stray files, unreadable files, shape/geometry mismatches, undeclared label values, NaN/Inf) and
-reported at once. Each problem names the case and the file, says what is wrong and how to fix it.
+or stray files, unreadable or damaged files (see `integrity`), shape/geometry mismatches, undeclared label
+values, NaN/Inf) and reported at once. Each problem names the case and the file, says what is wrong and how to fix it.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from samplan.dataset.dataset_json import N_FOLDS, DatasetJson, label_values, load_dataset_json, read_case_groups
+from samplan.dataset.dataset_json import (
+    N_FOLDS, DatasetJson, check_dataset_paths, label_values, load_dataset_json, read_case_groups,
+)
 from samplan.dataset.image_io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, read_images, read_seg
+from samplan.dataset.integrity import file_problems
 from samplan.errors import DatasetError, DatasetProblems
 from samplan.parallel import default_num_processes, map_cases
 
@@ -32,6 +35,7 @@ def verify_dataset(raw_dir: Path, num_processes: int | None = None) -> None:
         dj = load_dataset_json(raw_dir)
     except DatasetError as e:
         raise DatasetProblems(str(raw_dir), [str(e)]) from e
+    check_dataset_paths(raw_dir, dj)  # before any file is read: nothing outside the dataset folder is opened
     cn_problems, label_problems = _check_channel_names(dj), _check_labels(dj)
     problems = cn_problems + label_problems + _check_other_keys(dj)
     ending = dj.get("file_ending")
@@ -285,7 +289,7 @@ def _check_case(case: str, image_files: list[str], label_file: str, n_channels: 
 
 
 def _read(file: str, reader: Callable, add: Callable[[str, str], None]) -> tuple[np.ndarray, dict] | None:
-    """Read one file with `reader`; on failure record the problem and return None."""
+    """Check one file for damage and read it with `reader`; on failure record the problem(s) and return None."""
     p = Path(file)
     if not p.is_file():
         add(file, "file does not exist. Add it, or fix its name/path.")
@@ -293,15 +297,26 @@ def _read(file: str, reader: Callable, add: Callable[[str, str], None]) -> tuple
     if p.stat().st_size == 0:
         add(file, "file is empty (0 bytes). Export it again.")
         return None
+    # the readers accept many damaged files silently (truncated .nii.gz, bad checksums): report each damage found
+    damage = file_problems(p)
+    for msg in damage:
+        add(file, _without_path(msg, p))
+    if damage:
+        return None
     try:
-        return reader([p]) if reader is read_images else reader(p)
+        return reader([p], check=False) if reader is read_images else reader(p, check=False)
     except DatasetError as e:
-        msg = str(e)
-        for prefix in (f"{p}: ", f"{p} "):
-            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        msg = _without_path(str(e), p)
         fix = " Check that the file is complete and in the format its ending says; re-export it." if "cannot be read" in msg else ""
         add(file, msg + fix)
         return None
+
+
+def _without_path(msg: str, p: Path) -> str:
+    """A reader's message without its leading file path (the caller names the file relative to the dataset)."""
+    for prefix in (f"{p}: ", f"{p} "):
+        msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+    return msg
 
 
 def _compare_grid(ref: tuple, other: tuple, raw_dir: str, add: Callable[[str, str], None]) -> None:

@@ -6,6 +6,7 @@ is turned into a label map (argmax over labels, or regions painted in order) and
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +24,14 @@ def load_probabilities(folder: Path, case: str) -> np.ndarray:
     if not f.is_file():
         raise SamplanError(f"{f} is missing: ensembles need the members' probabilities (samplan_train --val --npz, or "
                            "samplan_predict --save-probabilities).")
-    with np.load(f, allow_pickle=False) as z:
-        return z["probabilities"].astype(np.float32)
+    try:
+        # allow_pickle=False: a member folder may come from someone else, and an unpickled object can run code
+        with np.load(f, allow_pickle=False) as z:
+            return z["probabilities"].astype(np.float32)
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise SamplanError(f"{f} is not a probabilities file samplan reads (an .npz holding the plain float array "
+                           f"'probabilities'; object arrays and pickles are refused): {type(e).__name__}: {e}. Predict "
+                           "the case again with --save-probabilities (or samplan_train --val --npz).") from None
 
 
 def ensemble_case(members: Sequence[Path], case: str, output_file: Path, label_manager: LabelManager,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from samplan.errors import SamplanError
+from samplan.models.checkpoint import torch_error_reason
 from samplan.models.specs import ALIASES, BackboneSpec
 from samplan.utils import atomic_path
 
@@ -223,7 +224,9 @@ def load_state_file(path: str | os.PathLike, name: str | None = None, sha256: st
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, or pickled code weights_only refuses
-        raise SamplanError(f"cannot read checkpoint {p} as plain tensors (torch.load weights_only=True): {e}") from e
+        raise SamplanError(f"cannot read checkpoint {p} as plain tensors (torch.load weights_only=True refuses anything "
+                           f"that could run code): {torch_error_reason(e)}. Download the weights file again from "
+                           "its source.") from e
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

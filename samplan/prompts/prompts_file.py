@@ -36,23 +36,36 @@ Schema (version 1)::
 
 Every problem of a file is reported at once, each naming the file, the case and the entry as
 `cases["lung_001"][2]` (entries are counted from 0, as JSON arrays are) and how to fix it.
+
+The file may come from anyone, so its reading is bounded: at most `MAX_FILE_BYTES` bytes, `MAX_POINTS` points
+per entry (one SAM call embeds every point), numbers within float range, labels within int32, and the
+error message lists the first `MAX_REPORTED` problems.
 """
 from __future__ import annotations
 
-import json
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from samplan.errors import DatasetError
+from samplan.errors import DatasetError, SamplanError
+from samplan.utils import load_json
 
 VERSION = 1
 COORDINATES = ("voxel", "world")
 _TOP_KEYS = {"version", "coordinates", "cases"}
 _ENTRY_KEYS = {"label", "slice", "points", "point_labels", "box", "coordinates"}
+# a hand-made or generated prompts file is kilobytes; 16 MiB is about a million points
+MAX_FILE_BYTES = 16 * 2**20
+# the prompt encoder embeds every point of a call; a few clicks are typical, a thousand is already unusual
+MAX_POINTS = 1024
+MAX_LABEL = 2**31 - 1  # label maps are at most int32
+MAX_REPORTED = 50  # problems listed in the message (all are in `.problems`)
+_REPR = reprlib.Repr()
+_REPR.maxlist, _REPR.maxlevel, _REPR.maxlong, _REPR.maxstring, _REPR.maxother = 6, 3, 40, 60, 60
 
 
 class PromptsFileError(DatasetError):
@@ -60,7 +73,9 @@ class PromptsFileError(DatasetError):
 
     def __init__(self, path: str | Path, problems: list[str]):
         self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems[:MAX_REPORTED])
+        more = len(self.problems) - MAX_REPORTED
+        lines += f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(f"{len(self.problems)} problem(s) in prompts file {path}:\n{lines}")
 
 
@@ -128,8 +143,18 @@ def world_to_voxel(points: np.ndarray, spacing: Sequence[float], origin: Sequenc
     return np.linalg.solve(m, (p - np.asarray(origin, np.float64)).T).T / np.asarray(spacing, np.float64)
 
 
+def _short(v: Any) -> str:
+    """repr of a value from the file, shortened: a wrong value may be a list of a million items."""
+    return _REPR.repr(v)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # a JSON integer beyond float range (JSON sets no size limit)
+        return False
 
 
 def _is_int(v: Any) -> bool:
@@ -151,11 +176,11 @@ def _check_entry(e: Any, default_coords: str, where: str) -> list[str]:
         problems.append(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_ENTRY_KEYS)} (check the spelling).")
     if "label" not in e:
         problems.append(f"{where}: 'label' is missing; add the label value this prompt is for, e.g. \"label\": 1.")
-    elif not _is_int(e["label"]) or e["label"] <= 0:
-        problems.append(f"{where}: 'label' must be a positive integer label value, got {e['label']!r}.")
+    elif not _is_int(e["label"]) or not 0 < e["label"] <= MAX_LABEL:
+        problems.append(f"{where}: 'label' must be a positive integer label value (at most {MAX_LABEL}), got {_short(e['label'])}.")
     coords = e.get("coordinates", default_coords)
     if coords not in COORDINATES:
-        problems.append(f"{where}: 'coordinates' must be \"voxel\" or \"world\", got {coords!r}.")
+        problems.append(f"{where}: 'coordinates' must be \"voxel\" or \"world\", got {_short(coords)}.")
         return problems
     world = coords == "world"
     if "points" not in e and "box" not in e:
@@ -164,12 +189,15 @@ def _check_entry(e: Any, default_coords: str, where: str) -> list[str]:
         if world:
             problems.append(f"{where}: 'slice' is given with world coordinates; remove it (the slice follows from z).")
         elif not _is_int(e["slice"]) or e["slice"] < 0:
-            problems.append(f"{where}: 'slice' must be a non-negative integer (index along axis 0), got {e['slice']!r}.")
+            problems.append(f"{where}: 'slice' must be a non-negative integer (index along axis 0), got {_short(e['slice'])}.")
     pts = e.get("points")
     shape = "[x, y] or [x, y, z] (world)" if world else "[x, y] (voxel: column, row)"
-    if pts is not None and (not isinstance(pts, list) or not pts
-                            or not all(_coords_ok(p, (2, 3) if world else (2,)) for p in pts)):
-        problems.append(f"{where}: 'points' must be a non-empty list of {shape} finite numbers, got {pts!r}.")
+    if isinstance(pts, list) and len(pts) > MAX_POINTS:
+        problems.append(f"{where}: {len(pts)} points in one entry, more than the {MAX_POINTS} one SAM call takes; "
+                        "split them over several entries (the masks of entries on one slice and label are merged).")
+    elif pts is not None and (not isinstance(pts, list) or not pts
+                              or not all(_coords_ok(p, (2, 3) if world else (2,)) for p in pts)):
+        problems.append(f"{where}: 'points' must be a non-empty list of {shape} finite numbers, got {_short(pts)}.")
     elif pts is not None and world and len({len(p) for p in pts}) > 1:
         problems.append(f"{where}: 'points' mixes 2- and 3-number points; use one dimension per image.")
     if "point_labels" in e:
@@ -177,7 +205,7 @@ def _check_entry(e: Any, default_coords: str, where: str) -> list[str]:
         if pts is None:
             problems.append(f"{where}: 'point_labels' is given without 'points'; remove it or add the points.")
         elif not isinstance(lab, list) or not all(_is_int(v) and v in (0, 1) for v in lab):
-            problems.append(f"{where}: 'point_labels' must be a list of 1 (positive) / 0 (negative), got {lab!r}.")
+            problems.append(f"{where}: 'point_labels' must be a list of 1 (positive) / 0 (negative), got {_short(lab)}.")
         elif isinstance(pts, list) and len(lab) != len(pts):
             problems.append(f"{where}: {len(lab)} point_labels for {len(pts)} points; give one label per point.")
     if "box" in e:
@@ -186,9 +214,9 @@ def _check_entry(e: Any, default_coords: str, where: str) -> list[str]:
             if not (isinstance(box, list) and len(box) == 2 and all(_coords_ok(c, (2, 3)) for c in box)
                     and len(box[0]) == len(box[1])):
                 problems.append(f"{where}: a world 'box' must be two opposite corners [[x, y, z], [x, y, z]] "
-                                f"(or [[x, y], [x, y]] in 2D), got {box!r}.")
+                                f"(or [[x, y], [x, y]] in 2D), got {_short(box)}.")
         elif not _coords_ok(box, (4,)):
-            problems.append(f"{where}: a voxel 'box' must be [x0, y0, x1, y1] (4 finite numbers), got {box!r}.")
+            problems.append(f"{where}: a voxel 'box' must be [x0, y0, x1, y1] (4 finite numbers), got {_short(box)}.")
         elif box[0] > box[2] or box[1] > box[3]:
             problems.append(f"{where}: 'box' {box} has x0 > x1 or y0 > y1; write it as [x0, y0, x1, y1] with x0 <= x1, y0 <= y1.")
     return problems
@@ -202,11 +230,15 @@ def read_prompts_file(path: str | Path) -> dict[str, list[dict]]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path, max_bytes=MAX_FILE_BYTES)
     except FileNotFoundError:
         raise PromptsFileError(path, [f"{path} does not exist; check the path."]) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise PromptsFileError(path, [f"{path} cannot be read ({err.strerror}); give the path of a JSON file."]) from None
+    except ValueError as err:  # bad syntax, not UTF-8, or an integer of more digits than Python converts
         raise PromptsFileError(path, [f"{path}: not valid JSON ({err}); fix the syntax."]) from None
+    except SamplanError as err:  # larger than MAX_FILE_BYTES, or nested too deeply
+        raise PromptsFileError(path, [str(err)]) from None
     if not isinstance(data, dict):
         raise PromptsFileError(path, [f"{path}: the top level must be an object with a 'cases' key."])
     problems = []
@@ -214,10 +246,10 @@ def read_prompts_file(path: str | Path) -> dict[str, list[dict]]:
     if unknown:
         problems.append(f"{path}: unknown top-level key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}.")
     if data.get("version", VERSION) != VERSION:
-        problems.append(f"{path}: 'version' is {data['version']!r}; this samplan reads version {VERSION}.")
+        problems.append(f"{path}: 'version' is {_short(data['version'])}; this samplan reads version {VERSION}.")
     default = data.get("coordinates", "voxel")
     if default not in COORDINATES:
-        problems.append(f"{path}: top-level 'coordinates' must be \"voxel\" or \"world\", got {default!r}.")
+        problems.append(f"{path}: top-level 'coordinates' must be \"voxel\" or \"world\", got {_short(default)}.")
         default = "voxel"
     cases = data.get("cases")
     if not isinstance(cases, dict):
@@ -226,10 +258,10 @@ def read_prompts_file(path: str | Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for case, entries in cases.items():
         if not isinstance(entries, list):
-            problems.append(f"{path}: cases[{case!r}] must be a list of entries, got {type(entries).__name__}.")
+            problems.append(f"{path}: cases[{_short(case)}] must be a list of entries, got {type(entries).__name__}.")
             continue
         for i, e in enumerate(entries):
-            problems += [f"{path}: {p}" for p in _check_entry(e, default, f"cases[{case!r}][{i}]")]
+            problems += [f"{path}: {p}" for p in _check_entry(e, default, f"cases[{_short(case)}][{i}]")]
         out[case] = [dict(e, coordinates=e.get("coordinates", default)) if isinstance(e, dict) else e for e in entries]
     if problems:
         raise PromptsFileError(path, problems)
@@ -313,9 +345,9 @@ def load_prompts(path: str | Path, grids: Mapping[str, ImageGrid]) -> dict[str, 
     for case, entries in cases.items():
         if case not in grids:
             known = ", ".join(sorted(grids)[:5]) + (", ..." if len(grids) > 5 else "")
-            problems.append(f"{path}: cases[{case!r}]: no such case in the dataset (known: {known}); fix the identifier.")
+            problems.append(f"{path}: cases[{_short(case)}]: no such case in the dataset (known: {known}); fix the identifier.")
             continue
-        out[case], errs = case_prompts(entries, grids[case], f"cases[{case!r}]")
+        out[case], errs = case_prompts(entries, grids[case], f"cases[{_short(case)}]")
         problems += [f"{path}: {p}" for p in errs]
     if problems:
         raise PromptsFileError(path, problems)
