@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "samplan"
 
 # lowest first; a package may import its own modules and those of lower layers
 LAYERS = [
-    {"errors", "utils", "paths", "devices", "parallel"},  # samplan/<name>.py, shared by everything
+    {"errors", "utils", "paths", "devices", "parallel", "locks", "disk_space"},  # samplan/<name>.py, shared by everything
     {"dataset"},
     {"experiment_planning"},  # fingerprint, base plan, plan sections, budget
     {"models", "prompts", "preprocessing"},

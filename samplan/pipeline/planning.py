@@ -13,10 +13,11 @@ from samplan.errors import SamplanError
 from samplan.experiment_planning.budget import ComputeBudget
 from samplan.experiment_planning.fingerprint import extract_fingerprint
 from samplan.experiment_planning.planner import plan_base
+from samplan.locks import LOCK_NAME, exclusive_lock
 from samplan.methods import available_methods, get_method
 from samplan.paths import preprocessed_root, raw_root, resolve_dataset_name
 from samplan.preprocessing.run import preprocess_dataset
-from samplan.utils import load_json, save_json
+from samplan.utils import atomic_path, load_json, save_json
 
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
@@ -68,22 +69,25 @@ def plan_and_preprocess(
         verify_dataset(raw_dir, num_processes=num_processes)  # raises before anything is written
 
     out_dir = preprocessed_root() / name
-    fp_file = out_dir / FINGERPRINT_FILE
-    if fp_file.is_file() and not clean:
-        print(f"using the existing fingerprint {fp_file} (pass --clean to recompute)")
-        fingerprint = load_json(fp_file)
-    else:
-        fingerprint = extract_fingerprint(raw_dir, num_processes=num_processes)
-        save_json(fingerprint, fp_file)
-    shutil.copyfile(raw_dir / "dataset.json", out_dir / "dataset.json")
-    if (raw_dir / "splits_final.json").is_file():
-        shutil.copyfile(raw_dir / "splits_final.json", out_dir / "splits_final.json")
+    # after verification (which writes nothing), before the first write: a second run stops here
+    with exclusive_lock(out_dir / LOCK_NAME, f"planning/preprocessing {name}"):
+        fp_file = out_dir / FINGERPRINT_FILE
+        if fp_file.is_file() and not clean:
+            print(f"using the existing fingerprint {fp_file} (pass --clean to recompute)")
+            fingerprint = load_json(fp_file)
+        else:
+            fingerprint = extract_fingerprint(raw_dir, num_processes=num_processes)
+            save_json(fingerprint, fp_file)
+        splits = ["splits_final.json"] if (raw_dir / "splits_final.json").is_file() else []
+        for f in ["dataset.json", *splits]:
+            with atomic_path(out_dir / f) as tmp:  # a full disk must not leave half a dataset.json behind
+                shutil.copyfile(raw_dir / f, tmp)
 
-    plans = plan_experiment(
-        name, dataset_json, fingerprint, methods=methods, overwrite_target_spacing=overwrite_target_spacing
-    )
-    save_json(plans, out_dir / PLANS_FILE)
-    print(f"wrote {fp_file} and {out_dir / PLANS_FILE}")
-    if not plan_only:
-        preprocess_dataset(raw_dir, out_dir, plans, configurations=configurations, num_processes=num_processes)
+        plans = plan_experiment(
+            name, dataset_json, fingerprint, methods=methods, overwrite_target_spacing=overwrite_target_spacing
+        )
+        save_json(plans, out_dir / PLANS_FILE)
+        print(f"wrote {fp_file} and {out_dir / PLANS_FILE}")
+        if not plan_only:
+            preprocess_dataset(raw_dir, out_dir, plans, configurations=configurations, num_processes=num_processes)
     return out_dir

@@ -14,6 +14,7 @@ from samplan.errors import SamplanError
 from samplan.evaluation.evaluate import dataset_settings, evaluate_folders
 from samplan.inference.predictor import Predictor
 from samplan.inference.prompted import PromptSource
+from samplan.locks import LOCK_NAME, exclusive_lock
 from samplan.models.checkpoint import load_checkpoint
 from samplan.paths import raw_root
 from samplan.training.logger import TrainingLogger
@@ -51,19 +52,23 @@ def train_fold(
     (samplan.training.trainer.write_untrained_fold). The other arguments: samplan.training.trainer.train.
     """
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
-    dev = resolve_device(device)
-    if not s.method.needs_training:
-        return write_untrained_fold(s, seed)
-    if only_validate:
-        logger = TrainingLogger(s.fold_dir)
-        logger.load_state_dict(load_checkpoint(s.fold_dir / "checkpoint_final.pth")["logging"])
-    else:
-        logger = train(s, dev, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                       continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
-                       num_workers=num_workers, precision=precision)
-    if final_validation or only_validate:
-        run_final_validation(s, dev, logger, precision, save_probabilities, tta=validation_tta)
-    return s.fold_dir
+    if only_validate:  # before the lock, which would create the fold folder of a fold never trained
+        load_checkpoint(s.fold_dir / "checkpoint_final.pth")
+    # prepare_fold writes nothing; one training (or validation) of a fold at a time from here on
+    with exclusive_lock(s.fold_dir / LOCK_NAME, f"training {s.model_dir.name} fold {s.fold} of {s.dataset_name}"):
+        dev = resolve_device(device)
+        if not s.method.needs_training:
+            return write_untrained_fold(s, seed)
+        if only_validate:
+            logger = TrainingLogger(s.fold_dir)
+            logger.load_state_dict(load_checkpoint(s.fold_dir / "checkpoint_final.pth")["logging"])
+        else:
+            logger = train(s, dev, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                           continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
+                           num_workers=num_workers, precision=precision)
+        if final_validation or only_validate:
+            run_final_validation(s, dev, logger, precision, save_probabilities, tta=validation_tta)
+        return s.fold_dir
 
 
 def validation_images(s: FoldSetup) -> dict[str, list[Path]]:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from samplan.dataset.dataset_json import DatasetJson, list_training_cases, load_dataset_json
 from samplan.dataset.image_io import NATURAL_ENDINGS
+from samplan.disk_space import check_free_space
 from samplan.errors import DatasetError
 from samplan.parallel import default_num_processes, map_cases
 from samplan.preprocessing.cache import case_is_complete, remove_partial_files, write_case
@@ -83,6 +84,9 @@ def _preprocess_configuration(
     if not todo:
         print(f"{configuration}: all {len(cases)} cases already preprocessed in {folder}")
         return
+    # preflight: a cached case has so far been 2-4x its raw images (float32 ZSTD vs gzip); refuse below half of that
+    raw_bytes = sum(Path(f).stat().st_size for c in todo for f in cases[c]["images"])
+    check_free_space(folder, raw_bytes // 2, f"preprocessing {len(todo)} case(s) of {configuration}")
     per_case = max(_estimate_case_bytes(cases[c]["images"], plans, plan) for c in todo)
     n = default_num_processes(num_processes, bytes_per_task=per_case, n_tasks=len(todo))
     print(f"{configuration}: {len(todo)} of {len(cases)} cases to preprocess into {folder} with {n} process(es)")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from samplan.disk_space import disk_full_guard
 from samplan.utils import atomic_path, save_json
 
 # one value per completed epoch for each key; dice_per_class holds one list per epoch
@@ -38,8 +39,9 @@ class TrainingLogger:
         """Append a timestamped line to the text log (and echo it on stdout)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}"
-        with open(self.log_file, "a") as f:
-            f.write(line + "\n")
+        with disk_full_guard(self.folder, detail=f" while appending to {self.log_file.name}"):
+            with open(self.log_file, "a") as f:  # appended, not atomic: a cut-off line is harmless here
+                f.write(line + "\n")
         if self.echo:
             print(line, file=sys.stdout, flush=True)
 
