@@ -290,7 +290,8 @@ def test_cli_rejects_a_case_with_a_missing_channel(synth, samplan_env, tmp_path,
     assert predict_main(["-i", str(inp), "-o", str(out)]) == DatasetError.exit_code
     err = capsys.readouterr().err
     assert "case_001" in err and "case_001_0000.nii.gz" in err and "2" in err
-    assert not out.exists()
+    # the other cases are still predicted (tests/test_predict_bad_input.py covers the other kinds of bad input)
+    assert sorted(p.name for p in out.iterdir()) == ["case_000.nii.gz", "case_002.nii.gz"]
     (inp / "stray.nii.gz").write_bytes(b"")
-    assert predict_main(["-i", str(inp), "-o", str(out)]) == DatasetError.exit_code
-    assert "stray.nii.gz" in capsys.readouterr().err and not out.exists()
+    assert predict_main(["-i", str(inp), "-o", str(tmp_path / "out2")]) == DatasetError.exit_code
+    assert "stray.nii.gz" in capsys.readouterr().err and not (tmp_path / "out2").exists()

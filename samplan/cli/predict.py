@@ -17,8 +17,11 @@ EPILOG = """examples:
   samplan_predict -i imagesTs/ -o pred/ -d 4 --best     # what samplan_find_best -d 4 chose
 
 Input files are named as in the raw format: {case}_{XXXX}{ending}, one file per channel (XXXX = 0000,
-0001, ...; an RGB PNG holds three channels). Outputs are {case}{ending}; with --save-probabilities also
-{case}.npz (key "probabilities", float16, C x Z x Y x X in the input's grid) and {case}.json (properties).
+0001, ...; an RGB PNG holds three channels); files with another ending are ignored (a note names them).
+A case whose files are unusable (missing channels, damaged, NaN/Inf voxels, 2D for a 3D model) gets no
+output; the other cases are predicted, then every such case is listed and the exit status is 2.
+Outputs are {case}{ending}; with --save-probabilities also {case}.npz (key "probabilities", float16,
+C x Z x Y x X in the input's grid) and {case}.json (properties).
 Without -d/-m/-c, the one trained model under SAMPLAN_RESULTS that fits is used; when several fit, they
 are listed with the arguments that choose each.
 Prompted methods (samzeroshot) need --prompts FILE, or --prompt-strategy with --reference-dir (label maps
@@ -122,14 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def job() -> None:
-        from pathlib import Path
-
         from samplan.errors import SamplanError
-        from samplan.inference.model_selection import select_model
+        from samplan.inference.input_checks import check_folders
+        from samplan.inference.model_selection import load_model_files, select_model
         from samplan.inference.predictor import Predictor
 
-        if not Path(args.input).is_dir():
-            raise SamplanError(f"input folder {args.input} does not exist.")
+        check_folders(args.input, args.output)  # before a model is loaded or a first stage runs
         if args.best:
             from samplan.pipeline.best_prediction import predict_best
 
@@ -141,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
         print(f"model: {model.path} (folds {' '.join(args.folds or model.folds)}, checkpoint_{args.checkpoint})")
-        from samplan.utils import load_json
-
-        source = prompt_source_from_args(args, model.path, load_json(Path(model.path) / "dataset.json")["file_ending"])
+        dataset_json = load_model_files(model.path)[3]  # a damaged model folder is refused here, with the file named
+        source = prompt_source_from_args(args, model.path, dataset_json["file_ending"])
         predictor = Predictor.from_model_dir(
             model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta,
             precision=args.precision, prompt_source=source,

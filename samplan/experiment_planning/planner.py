@@ -21,7 +21,7 @@ from samplan.dataset.image_io import NATURAL_ENDINGS
 from samplan.errors import SamplanError
 from samplan.experiment_planning import spacing as sp
 from samplan.experiment_planning.budget import ComputeBudget
-from samplan.experiment_planning.plans import PLANS_NAME
+from samplan.experiment_planning.plans import PLANS_NAME, PLANS_VERSION, PLANS_VERSION_KEY
 from samplan.experiment_planning.topology import (
     Topology,
     initial_patch_size,
@@ -181,6 +181,7 @@ def plan_base(
     return {
         "dataset_name": dataset_name,
         "plans_name": PLANS_NAME,
+        PLANS_VERSION_KEY: PLANS_VERSION,
         "original_median_spacing_after_transp": [float(s) for s in np.median(np.asarray(spacings, float), 0)[forward]],
         "original_median_shape_after_transp": [int(round(s)) for s in np.median(np.asarray(shapes, float), 0)[forward]],
         "image_reader_writer": image_reader_writer(file_ending),

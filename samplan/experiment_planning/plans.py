@@ -13,10 +13,27 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from samplan.errors import SamplanError
+from samplan.errors import InputError, SamplanError
 from samplan.utils import load_json, save_json
 
 PLANS_NAME = "samplanPlans"
+# the plans format: raise it whenever a change makes plans of the previous format mean something else or fail to
+# load; the planner writes it and every reader checks it (check_plans_version)
+PLANS_VERSION = 1
+PLANS_VERSION_KEY = "plans_version"
+
+
+def check_plans_version(plans: dict[str, Any], path: str | os.PathLike = "plans.json") -> None:
+    """InputError unless `plans` has this samplan's plans format (plans without the key predate it: version 1)."""
+    found = plans.get(PLANS_VERSION_KEY, 1)
+    if type(found) is not int or found != PLANS_VERSION:
+        raise InputError(
+            f"{path} has plans format version {found!r}, but this samplan reads version {PLANS_VERSION}. Re-plan and "
+            f"re-train with this samplan (samplan_plan_and_preprocess -d {plans.get('dataset_name', 'DATASET')}, then "
+            "samplan_train), or use the samplan version that wrote these plans."
+        )
+
+
 def _take(d: dict[str, Any], cls: type, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split `d` into the dataclass fields of `cls` (all required) and the rest; name missing keys."""
     names = [f.name for f in fields(cls) if f.name != "extra"]
@@ -101,9 +118,10 @@ class Plans:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plans":
-        """Read a plans.json dict; SamplanError naming the missing key if it is incomplete."""
-        known, extra = _take(d, cls, "plans.json")
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "plans.json") -> "Plans":
+        """Read a plans.json dict; SamplanError naming the missing key if it is incomplete or of another version."""
+        check_plans_version(d, where)
+        known, extra = _take(d, cls, str(where))
         known["configurations"] = {k: ConfigurationPlan.from_dict(v, k) for k, v in known["configurations"].items()}
         known["methods"] = dict(known["methods"])
         return cls(**known, extra=extra)
@@ -139,7 +157,7 @@ def load_plans(path: str | os.PathLike) -> Plans:
     """Read plans.json into `Plans`."""
     if not os.path.isfile(path):
         raise SamplanError(f"{path} does not exist. Run samplan_plan_and_preprocess for this dataset first.")
-    return Plans.from_dict(load_json(path))
+    return Plans.from_dict(load_json(path), path)
 
 
 def save_plans(plans: Plans | dict[str, Any], path: str | os.PathLike) -> None:

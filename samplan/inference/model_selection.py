@@ -1,4 +1,4 @@
-"""Which trained model to predict with: list the model folders under SAMPLAN_RESULTS, pick one, check inputs fit it.
+"""Which trained model to predict with: list the model folders under SAMPLAN_RESULTS, pick one, read its files.
 
 A model folder is `SAMPLAN_RESULTS/<DatasetXXX_Name>/<method>__<plans>__<configuration>/` with plans.json
 and dataset.json at its root and `fold_<k>/checkpoint_<name>.pth` inside (see samplan.paths.model_dir).
@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import SimpleITK as sitk
-from PIL import Image
-
-from samplan.dataset.image_io import NATURAL_ENDINGS, SUPPORTED_ENDINGS
-from samplan.errors import DatasetError, SamplanError
+from samplan.errors import InputError, SamplanError
+from samplan.experiment_planning.plans import check_plans_version
 from samplan.paths import parse_model_dir_name, resolve_dataset_name, results_root
 from samplan.utils import load_json
 
@@ -66,11 +63,24 @@ def load_model_files(model_dir: str | Path) -> tuple[str, str, dict[str, Any], d
             f"{model_dir} is not a trained model folder (<method>__<plans>__<configuration> under "
             f"SAMPLAN_RESULTS/<dataset>/). Train one with samplan_train, or check -d/-m/-c."
         )
-    for name in ("plans.json", "dataset.json"):
-        if not (model_dir / name).is_file():
-            raise SamplanError(f"{model_dir / name} is missing; the model folder is incomplete (re-run samplan_train).")
+    plans, dataset_json = (_model_json(model_dir / name) for name in ("plans.json", "dataset.json"))
+    check_plans_version(plans, model_dir / "plans.json")
     method, _, configuration = parsed
-    return method, configuration, load_json(model_dir / "plans.json"), load_json(model_dir / "dataset.json")
+    return method, configuration, plans, dataset_json
+
+
+def _model_json(path: Path) -> dict[str, Any]:
+    """One JSON object file of a model folder; InputError when it is missing or damaged."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing; the model folder is incomplete (copy it again or re-run samplan_train).")
+    try:
+        data = load_json(path)
+    except ValueError as e:  # JSONDecodeError, or bytes that are no text encoding
+        raise InputError(f"{path} is damaged (not valid JSON: {e}); copy the model folder again or re-run "
+                         "samplan_train.") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object; copy the model folder again.")
+    return data
 
 
 def list_trained_models(checkpoint: str = "final") -> list[TrainedModel]:
@@ -130,50 +140,3 @@ def select_model(
     listing = "".join(f"\n  samplan_predict -i IN -o OUT {m.cli_args()}   (folds {' '.join(m.folds)})" for m in fits)
     raise SamplanError(f"{len(fits)} trained models could be used; choose one with -d/-m/-c:{listing}")
 
-
-def _stem(name: str) -> str:
-    """A file name without its image file ending."""
-    for ending in sorted(SUPPORTED_ENDINGS, key=len, reverse=True):
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return name
-
-
-def _channels_in_file(path: Path) -> int:
-    """Number of image channels one input file holds (RGB PNG: 3), read from its header only."""
-    if path.name.lower().endswith(NATURAL_ENDINGS):
-        try:
-            with Image.open(path) as im:
-                return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot be read as an image ({e}).") from e
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise DatasetError(f"{path}: cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]}).") from e
-    return int(reader.GetNumberOfComponents())
-
-
-def check_case_channels(cases: Mapping[str, Sequence[Path]], num_channels: int) -> None:
-    """Raise DatasetError naming the case and its files when a case does not hold `num_channels` channels.
-
-    Checks the `_XXXX` indices run 0, 1, ... without gaps, and that the files hold `num_channels`
-    channels in total (an RGB PNG holds 3), reading headers only.
-    """
-    for case, files in cases.items():
-        files = [Path(f) for f in files]
-        names = ", ".join(f.name for f in files) or "(none)"
-        indices = [_stem(f.name)[-4:] for f in files]
-        expected = [f"{i:04d}" for i in range(len(files))]
-        if indices != expected:
-            raise DatasetError(
-                f"case '{case}': channel files must be numbered _0000, _0001, ... without gaps; found {names}."
-            )
-        found = sum(_channels_in_file(f) for f in files)
-        if found != num_channels:
-            raise DatasetError(
-                f"case '{case}' has {found} channel(s) in {names}, but the model expects {num_channels} "
-                f"(one file per channel, {{case}}_0000 ... {{case}}_{num_channels - 1:04d}). Add the missing channel files."
-            )

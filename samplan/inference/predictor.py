@@ -8,6 +8,7 @@ previous case's result in a background thread.
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from collections import deque
 from contextlib import closing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from samplan.dataset.dataset_json import group_images_by_case
 from samplan.dataset.labels import LabelManager
-from samplan.errors import DatasetError, SamplanError
+from samplan.errors import DatasetError, InputError, SamplanError
 from samplan.devices import autocast, autocast_dtype, resolve_device
 from samplan.inference.export import export_prediction, logits_to_label_map
-from samplan.inference.model_selection import available_folds, check_case_channels, load_model_files
+from samplan.inference.input_checks import (CaseProblems, case_problems, check_folders, list_input_cases, shown_names,
+                                            trained_on_2d)
+from samplan.inference.model_selection import available_folds, load_model_files
 from samplan.methods import get_method
 from samplan.methods.base import Method, MethodPlan, PredictionContext
 from samplan.models.checkpoint import load_checkpoint, plain_state_dict
@@ -113,7 +115,7 @@ class Predictor:
         folds = found if folds is None else [str(f) for f in folds]
         missing = [f for f in folds if f not in found]
         if not folds or missing:
-            raise SamplanError(
+            raise InputError(
                 f"{model_dir}: no checkpoint_{checkpoint}.pth for fold(s) {', '.join(missing) or '(any)'}; folds with it: "
                 f"{', '.join(found) or 'none'}. Train them (samplan_train -f F), or choose -f / --checkpoint best|latest."
             )
@@ -121,16 +123,25 @@ class Predictor:
         first = states[0]
         for f, st in zip(folds, states):
             if (st["method"], st["configuration"]) != (method_name, configuration):
-                raise SamplanError(
+                raise InputError(
                     f"{model_dir}/fold_{f}: checkpoint is for {st['method']}/{st['configuration']}, "
-                    f"but the folder is {method_name}/{configuration}."
+                    f"but the folder is {method_name}/{configuration} (a checkpoint copied into the wrong folder?); "
+                    "move it to its own model folder or re-train the fold."
                 )
         label_manager = LabelManager.from_dataset_json(dataset_json)
         n_in = int(first.get("num_input_channels", len(dataset_json["channel_names"])))
         n_out = int(first.get("num_outputs", label_manager.num_outputs))
         network = method.build_network(mp, n_in, n_out)
         weights = [plain_state_dict(st["network_weights"]) for st in states]
-        network.load_state_dict(weights[0])  # fail here, with the file named, if the architecture does not match
+        for f, w in zip(folds, weights):  # fail here, with the file named, if the architecture does not match
+            try:  # the last fold stays loaded: a single fold is then ready, several are loaded in turn anyway
+                network.load_state_dict(w)
+            except RuntimeError as e:
+                raise InputError(
+                    f"{model_dir}/fold_{f}/checkpoint_{checkpoint}.pth does not fit the network its plans.json "
+                    f"describes ({str(e).splitlines()[0].rstrip(':. ')}); it was trained with other plans or another "
+                    "samplan version: re-train the fold, or use the samplan version and plans that trained it."
+                ) from e
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
                    device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision,
@@ -228,24 +239,31 @@ class Predictor:
     ) -> list[Path]:
         """Segment every case (`{case: [channel files in order]}`) into `output_dir/{case}{file_ending}`.
 
-        With `overwrite=False`, cases whose outputs exist are skipped (--continue). The channel count of
-        every case is checked before any work. The next case is preprocessed in a background thread
-        (`num_processes` 0) or in that many spawned worker processes, and finished cases are exported in a
-        writer thread, both while the network works. Threads are the default because on 2 cores they
-        were faster: 4 BraTS-sized cases took 5.1 s with the thread and 9.5 s with one worker process
-        (spawn, imports and shipping the arrays cost more than the GIL). Returns the label map paths of
-        all cases, in the order given.
+        With `overwrite=False`, cases whose outputs exist are skipped (--continue). A case whose files cannot be
+        predicted (wrong channels, damaged, NaN, 2D for a 3D model, ...; see samplan.inference.input_checks) is
+        skipped without output, and once the others are written a CaseProblems error lists every such case.
+        The next case is preprocessed in a background thread (`num_processes` 0) or in that many spawned worker
+        processes, and finished cases are exported in a writer thread, both while the network works. Threads are
+        the default because on 2 cores they were faster: 4 BraTS-sized cases took 5.1 s with the thread and 9.5 s
+        with one worker process (spawn, imports and shipping the arrays cost more than the GIL). Returns the label
+        map paths of all cases, in the order given.
         """
         output_dir = Path(output_dir)
         todo = {c: [Path(f) for f in files] for c, files in cases.items()
                 if overwrite or not self.is_done(output_dir, c, save_probabilities)}
-        references = self._check_inputs(cases, todo)  # everything that can fail is checked before any output
+        problems: dict[str, str] = {}
+        todo, references = self._check_inputs(cases, todo, problems)  # refused cases are dropped before any output
+        if not todo:
+            if problems:
+                raise CaseProblems(problems, len(cases), output_dir)
+            return [self.output_file(output_dir, c) for c in cases]
+        created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         # a single case gains nothing from a worker process that must first import numpy, scipy, ...
         workers = max(int(num_processes), 0) if len(todo) > 1 else 0
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not self.progress or not todo,
                    dynamic_ncols=True)
-        preprocessed = closing(self._preprocessed_cases(todo, references, workers))  # stops the workers on errors
+        preprocessed = closing(self._preprocessed_cases(todo, references, workers, problems))  # stops workers on errors
         with preprocessed as queue, ThreadPoolExecutor(1, thread_name_prefix="samplan-export") as writer:
             writes: deque[Future] = deque()
             try:
@@ -266,12 +284,18 @@ class Predictor:
                     self.prompt_source.record(output_dir)
             finally:
                 bar.close()
+        if problems:
+            if created and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # every case was refused: leave no trace of the run
+            raise CaseProblems(problems, len(cases), output_dir)
         return [self.output_file(output_dir, c) for c in cases]
 
     def _preprocessed_cases(self, todo: Mapping[str, Sequence[Path]], references: Mapping[str, Path | None],
-                            workers: int) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, dict[str, Any]]]:
+                            workers: int, problems: dict[str, str],
+                            ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, dict[str, Any]]]:
         """(case, data, reference, properties) in order, the next case preprocessed (in a thread, or `workers`
-        spawned processes) while the caller works on this one; pending jobs are cancelled when the caller stops."""
+        spawned processes) while the caller works on this one; pending jobs are cancelled when the caller stops.
+        A case whose files are refused (DatasetError) goes into `problems` and is not yielded."""
         with _preprocessing_executor(workers) as pre:
             queue: deque[tuple[str, Future]] = deque()
             items = iter(todo.items())
@@ -287,27 +311,37 @@ class Predictor:
             try:
                 while queue:
                     case, future = queue.popleft()
-                    data, ref, props = _preprocessed(case, future)
+                    try:
+                        data, ref, props = _preprocessed(case, future)
+                    except DatasetError as e:
+                        problems[case] = str(e)
+                        data = None
                     submit_next()  # the next case is preprocessed while the network works on this one
-                    yield case, data, ref, props
+                    if data is not None:
+                        yield case, data, ref, props
             finally:
                 for _, future in queue:
                     future.cancel()
 
-    def _check_inputs(self, cases: Mapping[str, Sequence[str | Path]],
-                      todo: Mapping[str, Sequence[Path]]) -> dict[str, Path | None]:
-        """Channel counts, prompts (a method that needs them, a prompts file naming only known cases) and reference
-        label maps, all checked before any output; returns the reference file of each case to do."""
-        check_case_channels(todo, self.num_input_channels)
+    def _check_inputs(self, cases: Mapping[str, Sequence[str | Path]], todo: Mapping[str, Sequence[Path]],
+                      problems: dict[str, str]) -> tuple[dict[str, Sequence[Path]], dict[str, Path | None]]:
+        """Each case's files (headers only: into `problems`), prompts (a method that needs them, a prompts file naming
+        only known cases) and reference label maps, before any output; returns the cases to do and their references."""
+        problems.update(case_problems(todo, self.num_input_channels, trained_on_2d(self.plans)))
+        todo = {c: f for c, f in todo.items() if c not in problems}
         source = self.prompt_source
         if source is None:
             needs = self.method.missing_prompts_error(self.mp) if todo else None
             if needs is not None:
                 raise SamplanError(needs)
-            return {}
+            return todo, {}
         source.check_cases(list(cases))
-        source.prepare(todo)  # a cascade's first stage predicts the cases here, before this run writes anything
-        return {c: source.reference_file(c) for c in todo}
+        try:  # a cascade's first stage predicts the cases here, before this run writes anything
+            source.prepare(todo)
+        except CaseProblems as e:  # the first stage refused some cases: this stage skips them too
+            problems.update(e.problems)
+            todo = {c: f for c, f in todo.items() if c not in problems}
+        return todo, {c: source.reference_file(c) for c in todo}
 
     def _predict_case(self, case: str, data: np.ndarray, ref: np.ndarray | None, props: dict[str, Any]) -> torch.Tensor:
         """The logits of one preprocessed case, with its prompts and reference when the run has a prompt source."""
@@ -325,18 +359,14 @@ class Predictor:
         overwrite: bool = True,
         num_processes: int = 0,
     ) -> list[Path]:
-        """Segment every `{case}_{XXXX}{file_ending}` case of `input_dir` into `output_dir` (see predict_cases)."""
-        input_dir, output_dir = Path(input_dir), Path(output_dir)
+        """Segment every `{case}_{XXXX}{file_ending}` case of `input_dir` into `output_dir` (see predict_cases); files
+        with another ending are ignored, with a note on stderr naming them."""
         ending = self.dataset_json["file_ending"]
-        if not input_dir.is_dir():
-            raise SamplanError(f"input folder {input_dir} does not exist.")
-        if output_dir.resolve() == input_dir.resolve():
-            raise SamplanError(f"output folder {output_dir} is the input folder; choose another -o.")
-        cases = group_images_by_case(input_dir, ending)
-        if not cases:
-            raise DatasetError(
-                f"{input_dir} holds no images named {{case}}_{{XXXX}}{ending} (the file ending of the model's dataset)."
-            )
+        check_folders(input_dir, output_dir)
+        cases, ignored = list_input_cases(input_dir, ending)
+        if ignored:
+            print(f"note: ignoring {len(ignored)} file(s) of {input_dir} not ending in {ending} (the model's file "
+                  f"ending): {shown_names(ignored)}", file=sys.stderr)
         return self.predict_cases(cases, output_dir, save_probabilities, overwrite, num_processes)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from samplan.errors import SamplanError
+from samplan.errors import InputError, SamplanError
 from samplan.utils import atomic_path
 
 # keys every samplan checkpoint has (others may be added by methods, as plain data)
@@ -28,18 +28,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint without unpickling arbitrary objects (weights_only=True)."""
+    """Read a checkpoint without unpickling arbitrary objects (weights_only=True); InputError naming the file and the
+    fix when it is damaged or not a samplan checkpoint (SamplanError when it does not exist)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():  # not trained yet (exit status 1), unlike a damaged file (InputError, 2)
         raise SamplanError(f"checkpoint {path} does not exist; train this fold first or pick another --checkpoint.")
+    fix = "copy it again from where it was trained, or re-train the fold (samplan_train)"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise SamplanError(f"{path} cannot be loaded as a samplan checkpoint ({type(e).__name__}: {e}).") from e
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+        if "allowed global" in str(e):
+            raise InputError(f"{path} holds Python objects other than tensors, numbers and strings, so samplan does not "
+                             f"load it (weights_only=True: it could run code); it is not a samplan checkpoint: {fix}.") from e
+        raise InputError(f"{path} is damaged or truncated ({torch_error_reason(e)}); {fix}.") from e
+    missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
     if missing:
-        raise SamplanError(f"{path} is not a samplan checkpoint (missing {missing}).")
+        raise InputError(f"{path} is not a samplan checkpoint (it lacks {', '.join(missing)}); {fix}.")
     return state
+
+
+def torch_error_reason(e: Exception) -> str:
+    """The gist of a torch.load error in one short line (torch's messages run over many lines of advice on
+    weights_only=False, which samplan never uses)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # the weights-only unpickler puts the actual reason after this marker line
+    marker = next((i for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
+    gist = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines[0] if lines else "no details")
+    return f"{type(e).__name__}: {gist.split('. ')[0].rstrip('.')[:200]}"
 
 
 def plain_key(key: str) -> str:
