@@ -13,7 +13,8 @@ from PIL import Image
 from samplan.dataset.image_io import read_images, read_seg
 from samplan.dataset.labels import LabelManager
 from samplan.inference.export import export_prediction, logits_to_label_map
-from samplan.preprocessing.preprocessor import preprocess_case
+from samplan.preprocessing.preprocessor import configuration_plan, preprocess_case, target_spacing
+from samplan.preprocessing.resampling import compute_new_shape
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 # ITK directions are LPS; an image stored in RAS orientation has the first two axes flipped
@@ -221,3 +222,130 @@ def test_real_data_round_trip(tmp_path, name, resample):
             assert _dice(back == int(lab), seg == int(lab)) > 0.85
     else:
         np.testing.assert_array_equal(back, seg)
+
+
+
+# ----------------------------------------------------------------------------------- bounded-memory export
+
+def _load_benchmark():
+    """benchmarks/export_memory.py, which keeps the former whole-array export to measure it against."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export_memory.py"
+    spec = importlib.util.spec_from_file_location("export_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_whole_array_export = _load_benchmark().whole_array_label_map
+
+
+BRATS = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}, "regions_class_order": [1, 2, 3]}
+LABEL_SETS = {"labels": {"labels": LABELS}, "int16_values": {"labels": {"background": 0, "a": 1, "b": 4, "c": 7, "big": 300}},
+              "regions": BRATS}
+# spacing (reader's order), cropped and uncropped shape and box offset (plan's order), plan spacing, transpose,
+# configuration, order_z: awkward sizes, up- and downsampling, separate z and not, 2D, no resampling
+CASES = {
+    "aniso_separate_z": ((3.5, 0.9, 0.7), (13, 47, 38), (15, 52, 40), (1, 3, 0), [1.1, 2.5, 1.3], (1, 0, 2), "3d_fullres", 0),
+    "iso_mixed_zoom": ((1.0, 1.0, 1.0), (29, 17, 33), (31, 20, 33), (2, 0, 0), [0.7, 1.6, 1.0], (0, 1, 2), "3d_fullres", 0),
+    "separate_z_order_1": ((4.0, 0.8, 0.8), (9, 41, 27), (11, 41, 30), (0, 0, 2), [1.5, 1.2, 1.1], (0, 2, 1), "3d_fullres", 1),
+    "2d_config": ((3.5, 0.9, 0.7), (7, 45, 31), (7, 45, 35), (0, 0, 4), [0.5, 1.4], (0, 1, 2), "2d", 0),
+    "no_resampling": ((2.0, 1.0, 1.0), (6, 23, 19), (8, 25, 19), (1, 1, 0), [2.0, 1.0, 1.0], (0, 1, 2), "3d_fullres", 0),
+}
+
+
+def _case(name, label_set, seed=0):
+    """(logits on the plan grid, properties, plans, configuration, label manager) of one CASES entry."""
+    spacing, cropped, before, offset, plan_spacing, transpose, cfg, order_z = CASES[name]
+    props = {"spacing": list(spacing), "shape_before_cropping": list(before),
+             "shape_after_cropping_and_before_resampling": list(cropped),
+             "bbox_used_for_cropping": [[o, o + n] for o, n in zip(offset, cropped)]}
+    plans = _plans(plan_spacing if cfg == "3d_fullres" else None, plan_spacing[-2:], transpose, order_z=order_z)
+    original = [spacing[a] for a in transpose]
+    grid = compute_new_shape(cropped, original, target_spacing(configuration_plan(plans, cfg), original))
+    lm = LabelManager.from_dataset_json(LABEL_SETS[label_set])
+    # smooth-ish logits plus noise: large flat regions, many near-ties after interpolation
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(lm.num_outputs, *grid, generator=g) * 3
+    logits[:, ::2] += torch.randn(lm.num_outputs, 1, *grid[1:], generator=g)
+    return logits, props, plans, cfg, lm
+
+
+@pytest.mark.parametrize("label_set", list(LABEL_SETS))
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunked_export_equals_the_whole_array_export(name, label_set):
+    logits, props, plans, cfg, lm = _case(name, label_set)
+    expected = _whole_array_export(logits, props, plans, cfg, lm)
+    got = logits_to_label_map(logits, props, plans, cfg, lm)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(got)) > 1
+    # numpy logits (float64 here) take the same path
+    np.testing.assert_array_equal(logits_to_label_map(logits.double().numpy(), props, plans, cfg, lm), expected)
+
+    seg, probs = logits_to_label_map(logits, props, plans, cfg, lm, return_probabilities=True)
+    ref_seg, ref_probs = _whole_array_export(logits, props, plans, cfg, lm, return_probabilities=True)
+    np.testing.assert_array_equal(seg, ref_seg)
+    assert probs.dtype == np.float16 and probs.shape == ref_probs.shape
+    # torch's softmax/sigmoid kernels treat the last few elements of an array (and of each thread's share)
+    # with scalar code, so a slab can differ from the whole array by one float32 ulp at a handful of voxels
+    differ = probs != ref_probs
+    assert differ.mean() < 1e-4
+    np.testing.assert_array_max_ulp(probs, ref_probs, maxulp=1)
+
+
+def test_argmax_ties_and_nan_follow_torch():
+    """The running argmax keeps the first maximum on ties and takes the first NaN, like torch.argmax."""
+    logits, props, plans, cfg, lm = _case("no_resampling", "labels")
+    logits[:, 0] = 1.0  # z = 0: exact three-way ties everywhere -> the first class
+    logits[:, 1] = 1.0
+    logits[1, 1, :5] = 2.0
+    logits[2, 1, :3] = 2.0  # z = 1, y < 3: classes 1 and 2 tie -> 1
+    logits[:, 2] = 0.0
+    logits[2, 2, :4] = float("nan")
+    logits[0, 2, 2:6] = float("nan")  # z = 2: y < 2 only class 2 is NaN -> 2; from y = 2 on class 0's NaN is first
+    expected = _whole_array_export(logits, props, plans, cfg, lm)
+    np.testing.assert_array_equal(logits_to_label_map(logits, props, plans, cfg, lm), expected)
+    inside = expected[tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])]
+    assert np.all(inside[0] == 0) and np.all(inside[1, :5] == 1) and np.all(inside[1, 5:] == 0)
+    assert np.all(inside[2, :2] == 2) and np.all(inside[2, 2:] == 0)
+
+
+def test_label_map_memory_does_not_grow_with_the_class_count():
+    """Without probabilities export holds a few single-class arrays, not K of them (numpy memory, tracemalloc)."""
+    import tracemalloc
+
+    def peak(fn, logits, props, plans, cfg, lm):
+        tracemalloc.start()
+        fn(logits, props, plans, cfg, lm)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    labels = {"labels": {"background": 0, **{f"c{i}": i for i in range(1, 16)}}}
+    lm = LabelManager.from_dataset_json(labels)
+    props = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": [40, 64, 64],
+             "shape_after_cropping_and_before_resampling": [40, 64, 64], "bbox_used_for_cropping": [[0, 40], [0, 64], [0, 64]]}
+    plans = _plans([1.25, 1.25, 1.25], [1.25, 1.25])
+    logits = torch.randn(16, 32, 51, 51, generator=torch.Generator().manual_seed(0))
+    one_class = 40 * 64 * 64 * 4
+    chunked = peak(logits_to_label_map, logits, props, plans, "3d_fullres", lm)
+    whole = peak(_whole_array_export, logits, props, plans, "3d_fullres", lm)
+    assert whole > 16 * one_class  # the old way: all K classes resampled at once
+    assert chunked < 5 * one_class, f"chunked export peaked at {chunked / one_class:.1f} single-class arrays"
+
+
+def test_saved_probabilities_equal_the_returned_ones(tmp_path):
+    """The .npz written class by class holds exactly what logits_to_label_map returns, and loads without pickle."""
+    logits, props, plans, cfg, lm = _case("aniso_separate_z", "regions", seed=4)
+    props["geometry"] = {"kind": "sitk", "spacing": props["spacing"][::-1], "origin": [0.0] * 3,
+                         "direction": list(np.eye(3).ravel()), "ndim": 3}
+    seg, probs = logits_to_label_map(logits, props, plans, cfg, lm, return_probabilities=True)
+    out = export_prediction(logits, props, plans, cfg, lm, tmp_path / "c.nii.gz", save_probabilities=True)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        saved = z["probabilities"]
+    np.testing.assert_array_equal(saved, probs)
+    assert saved.shape == (3, *seg.shape) and np.all(saved[:, 0, 0, 0] == 0)  # outside the box: no region
+    np.testing.assert_array_equal(read_seg(out)[0][0], seg)

@@ -1,15 +1,22 @@
 """Export: the exact inverse of preprocessing, from logits on the plan's grid to a label map in the input's geometry.
 
 Preprocessing did transpose -> crop -> normalise -> resample (samplan.preprocessing.preprocessor); export
-undoes it in reverse order: resample the logits back to the cropped grid (once, all classes together,
-with the plan's resampling_fn_probabilities_kwargs), turn them into a label map (argmax, or regions
-painted in `regions_class_order`) while the array is still small, put it into a zero volume of the
-pre-crop shape, and transpose back to the reader's axis order. The writer is the one that read the input.
+undoes it in reverse order: resample the logits back to the cropped grid (with the plan's
+resampling_fn_probabilities_kwargs), turn them into a label map (argmax, or regions painted in
+`regions_class_order`) while the array is still small, put it into a zero volume of the pre-crop shape,
+and transpose back to the reader's axis order. The writer is the one that read the input.
+
+Memory: K classes at full resolution in float32 is what makes a naive export large (14 CT classes on a
+512x512x600 grid: 8.8 GB). The label map is therefore built one class at a time (resample a class, keep
+a running maximum and its index, or paint a region), which gives the same labels as an argmax over all
+K. Probabilities need every class at a voxel, so with them the resampled logits of all classes are kept
+once (float32, cropped grid), turned into probabilities slab by slab, and written to the .npz class by class.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,16 +24,18 @@ import torch
 from samplan.dataset.image_io import SUPPORTED_ENDINGS, write_seg
 from samplan.dataset.labels import LabelManager
 from samplan.preprocessing.preprocessor import configuration_plan, target_spacing
-from samplan.preprocessing.resampling import resample_probabilities
+from samplan.preprocessing.resampling import resample_channels
 from samplan.utils import atomic_path, save_json
 
 _RESAMPLING_KEYS = ("order", "order_z", "force_separate_z")
+# voxels (all classes together) per slab when probabilities are computed: bounds softmax's temporaries
+_SLAB_VOXELS = 1 << 24
 
 
-def resample_logits_to_cropped_grid(
-    logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str
-) -> np.ndarray:
-    """Logits `(K, z, y, x)` on the plan's grid -> float32 `(K, *shape_after_cropping_and_before_resampling)`."""
+def _cropped_grid(
+    properties: dict[str, Any], plans: dict[str, Any], configuration: str
+) -> tuple[list[int], dict[str, Any]]:
+    """`(shape, resample_channels arguments)` that take logits from the plan's grid back to the cropped grid."""
     plan = configuration_plan(plans, configuration)
     forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     original_spacing = [float(properties["spacing"][a]) for a in forward]
@@ -34,8 +43,23 @@ def resample_logits_to_cropped_grid(
     plan_spacing = target_spacing(plan, original_spacing)
     shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
     kwargs = {k: v for k, v in (plan.get("resampling_fn_probabilities_kwargs") or {}).items() if k in _RESAMPLING_KEYS}
-    kwargs["is_seg"] = False
-    return resample_probabilities(logits, shape, plan_spacing, original_spacing, **kwargs)
+    return shape, {"new_shape": shape, "current_spacing": plan_spacing, "new_spacing": original_spacing, **kwargs}
+
+
+def resampled_logits(
+    logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str
+) -> Iterator[np.ndarray]:
+    """Logits `(K, z, y, x)` on the plan's grid -> K float32 arrays `shape_after_cropping_and_before_resampling`, one at a time."""
+    _, kwargs = _cropped_grid(properties, plans, configuration)
+    return resample_channels(logits, **kwargs)
+
+
+def _crop_box(properties: dict[str, Any]) -> tuple[slice, ...]:
+    return tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
+
+
+def _backward(plans: dict[str, Any]) -> list[int]:
+    return [int(a) for a in plans.get("transpose_backward", [0, 1, 2])]
 
 
 def _uncrop_and_untranspose(
@@ -45,10 +69,87 @@ def _uncrop_and_untranspose(
     lead = cropped.shape[: cropped.ndim - 3]
     full = np.empty((*lead, *properties["shape_before_cropping"]), dtype=cropped.dtype)
     full[...] = np.reshape(fill, (*np.shape(fill), 1, 1, 1)) if np.ndim(fill) else fill
-    box = tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
-    full[(Ellipsis, *box)] = cropped
-    backward = [int(a) for a in plans.get("transpose_backward", [0, 1, 2])]
-    return full.transpose([*range(len(lead)), *(a + len(lead) for a in backward)])
+    full[(Ellipsis, *_crop_box(properties))] = cropped
+    return full.transpose([*range(len(lead)), *(a + len(lead) for a in _backward(plans))])
+
+
+def _running_label_map(channels: Iterable[np.ndarray], label_manager: LabelManager) -> np.ndarray:
+    """int16 label map from resampled logits seen one class at a time; equal to LabelManager's over all K at once.
+
+    Softmax keeps the order of the logits, so the label is torch's argmax of the logits: the first
+    maximum wins, and a NaN counts as larger than any number. Regions are painted in
+    `regions_class_order` where their sigmoid exceeds 0.5, exactly as LabelManager does.
+    """
+    seg = best = winner = None
+    if label_manager.has_regions:
+        for value, channel in zip(label_manager.regions_class_order, channels):
+            if seg is None:
+                seg = np.zeros(channel.shape, dtype=np.int16)
+            seg[torch.sigmoid(torch.as_tensor(channel)).numpy() > 0.5] = value
+        return seg
+    for k, channel in enumerate(channels):
+        if best is None:
+            best = np.array(channel, dtype=np.float32)  # a copy: the channel may be a view of the caller's logits
+            winner = np.zeros(channel.shape, dtype=np.uint8 if label_manager.num_outputs <= 256 else np.int16)
+            continue
+        better = channel > best
+        better |= np.isnan(channel) & ~np.isnan(best)
+        winner[better] = k
+        np.copyto(best, channel, where=better)
+    return np.asarray(label_manager.label_values, dtype=np.int16)[winner]
+
+
+def _label_map_and_probabilities(
+    channels: Iterable[np.ndarray], shape: list[int], label_manager: LabelManager
+) -> tuple[np.ndarray, np.ndarray]:
+    """int16 label map `shape` and float32 probabilities `(K, *shape)`, both on the cropped grid.
+
+    The probabilities need every class at a voxel, so the resampled logits of all K are kept (once);
+    softmax or sigmoid then overwrite them slab by slab along the first axis, which bounds the
+    temporaries to one slab.
+    """
+    store = np.empty((label_manager.num_outputs, *shape), dtype=np.float32)
+    for k, channel in enumerate(channels):
+        store[k] = channel
+    seg = np.empty(shape, dtype=np.int16)
+    rows = max(1, _SLAB_VOXELS // max(store[:, :1].size, 1))
+    for z0 in range(0, shape[0], rows):
+        logits = torch.from_numpy(np.ascontiguousarray(store[:, z0 : z0 + rows]))
+        probabilities = label_manager.logits_to_probabilities(logits)
+        # softmax keeps the order of the logits, so the argmax needs no softmax
+        seg[z0 : z0 + rows] = label_manager.probabilities_to_segmentation(
+            probabilities if label_manager.has_regions else logits)
+        store[:, z0 : z0 + rows] = probabilities.numpy()
+    return seg, store
+
+
+def _compact(seg: np.ndarray) -> np.ndarray:
+    """uint8 when the label values fit, else int16."""
+    fits_uint8 = seg.min(initial=0) >= 0 and seg.max(initial=0) < 256
+    return seg.astype(np.uint8 if fits_uint8 else np.int16, copy=False)
+
+
+def _class_in_input_grid(probabilities: np.ndarray, k: int, properties: dict[str, Any], plans: dict[str, Any],
+                         label_manager: LabelManager) -> np.ndarray:
+    """float16 probabilities of class `k` in the input grid (a transposed view); outside the crop box background
+    is certain for softmax outputs (the image is empty there) and every region 0."""
+    full = np.full(properties["shape_before_cropping"], 1 if k == 0 and not label_manager.has_regions else 0, np.float16)
+    full[_crop_box(properties)] = probabilities[k]
+    return full.transpose(_backward(plans))
+
+
+def _label_map_in_input_grid(
+    logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str,
+    label_manager: LabelManager, with_probabilities: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label map in the input grid, and (if asked) float32 probabilities `(K, *cropped)` on the cropped grid."""
+    channels = resampled_logits(logits, properties, plans, configuration)
+    if with_probabilities:
+        shape, _ = _cropped_grid(properties, plans, configuration)
+        seg, probabilities = _label_map_and_probabilities(channels, shape, label_manager)
+    else:
+        seg, probabilities = _running_label_map(channels, label_manager), None
+    return _uncrop_and_untranspose(_compact(seg), properties, plans), probabilities
 
 
 def logits_to_label_map(
@@ -64,22 +165,30 @@ def logits_to_label_map(
     The label map holds the dataset's label values (uint8 when they fit, else int16). With
     `return_probabilities`, also float16 probabilities `(K, Z, Y, X)` in the input grid (softmax or
     sigmoid; outside the crop box background is 1 for softmax outputs and every region 0).
+    Without probabilities the logits are resampled and reduced one class at a time, so the memory
+    beyond the input stays a few single-class arrays of the cropped grid, whatever K is.
     """
-    cropped_logits = torch.from_numpy(resample_logits_to_cropped_grid(logits, properties, plans, configuration))
-    probabilities = None
-    if label_manager.has_regions or return_probabilities:
-        probabilities = label_manager.logits_to_probabilities(cropped_logits)
-    # softmax keeps the order of the logits, so the argmax needs no softmax
-    seg = label_manager.probabilities_to_segmentation(probabilities if label_manager.has_regions else cropped_logits)
-    fits_uint8 = seg.min(initial=0) >= 0 and seg.max(initial=0) < 256
-    seg = _uncrop_and_untranspose(seg.astype(np.uint8 if fits_uint8 else np.int16), properties, plans)
+    seg, probabilities = _label_map_in_input_grid(logits, properties, plans, configuration, label_manager,
+                                                  return_probabilities)
     if not return_probabilities:
         return seg
-    fill = np.zeros(probabilities.shape[0], dtype=np.float16)
-    if not label_manager.has_regions:
-        fill[0] = 1  # outside the nonzero box the image is empty: certain background
-    probs = _uncrop_and_untranspose(probabilities.numpy().astype(np.float16), properties, plans, fill)
-    return seg, probs
+    full = np.empty((len(probabilities), *seg.shape), dtype=np.float16)
+    for k in range(len(probabilities)):
+        full[k] = _class_in_input_grid(probabilities, k, properties, plans, label_manager)
+    return seg, full
+
+
+def _write_probabilities_npz(path: Path, probabilities: np.ndarray, properties: dict[str, Any],
+                             plans: dict[str, Any], label_manager: LabelManager) -> None:
+    """Write `{"probabilities": float16 (K, Z, Y, X)}` as np.savez_compressed would, one class at a time, atomically."""
+    shape = (len(probabilities), *(int(properties["shape_before_cropping"][a]) for a in _backward(plans)))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        with zf.open("probabilities.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)  # a 3-entry dict: always within version 1.0's limit
+            for k in range(len(probabilities)):
+                block = np.ascontiguousarray(_class_in_input_grid(probabilities, k, properties, plans, label_manager))
+                f.write(block.reshape(-1).view(np.uint8))
 
 
 def probability_channels(label_manager: LabelManager) -> list:
@@ -103,16 +212,13 @@ def export_prediction(
     last, so its presence means the case is complete. Every file is written atomically.
     """
     output_file = Path(output_file)
-    result = logits_to_label_map(logits, properties, plans, configuration, label_manager, save_probabilities)
+    seg, probabilities = _label_map_in_input_grid(logits, properties, plans, configuration, label_manager,
+                                                  save_probabilities)
     if save_probabilities:
-        seg, probs = result
         stem = output_file.parent / case_stem(output_file)
-        with atomic_path(stem.with_name(stem.name + ".npz")) as tmp:
-            with open(tmp, "wb") as f:  # a file object: numpy would otherwise append its own suffix
-                np.savez_compressed(f, probabilities=probs)
+        _write_probabilities_npz(stem.with_name(stem.name + ".npz"), probabilities, properties, plans, label_manager)
+        del probabilities
         save_json({**properties, "probability_channels": probability_channels(label_manager)}, stem.with_name(stem.name + ".json"))
-    else:
-        seg = result
     write_seg(seg, output_file, properties)
     return output_file
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -134,6 +134,38 @@ def resample_probabilities(
     if probabilities.dtype != np.float32:
         probabilities = probabilities.astype(np.float32)
     return resample(probabilities, new_shape, current_spacing, new_spacing, is_seg, order, order_z, force_separate_z)
+
+
+def resample_channels(
+    probabilities,
+    new_shape: Sequence[int],
+    current_spacing: Spacing,
+    new_spacing: Spacing,
+    order: int = 1,
+    order_z: int = 0,
+    force_separate_z: bool | None = None,
+) -> Iterator[np.ndarray]:
+    """Resample float `(K, Z, Y, X)` data (numpy or torch) one channel at a time: yields K float32 `new_shape` arrays.
+
+    The values are exactly those of `resample_probabilities` (the same per-channel code), but only one
+    output channel exists at a time: export's memory then grows with one class, not with K. A channel
+    whose shape does not change is yielded as it is (possibly a view of the input: do not write to it).
+    """
+    if probabilities.ndim != 4:
+        raise ValueError(f"resample_channels expects channel-first (K, Z, Y, X) data, got shape {tuple(probabilities.shape)}")
+    new_shape = tuple(int(s) for s in new_shape)
+    axis = separate_z_axis(current_spacing, new_spacing, force_separate_z)
+    for c in range(probabilities.shape[0]):
+        channel = probabilities[c]
+        if hasattr(channel, "detach"):  # torch, converted channel by channel so that no float32 copy of all K exists
+            channel = channel.detach().float().cpu().numpy()
+        channel = np.asarray(channel, dtype=np.float32)
+        if channel.shape == new_shape:
+            yield channel
+            continue
+        with threadpool_limits(limits=1, user_api="blas"):  # see resample
+            out = _resample_image(channel, new_shape, order, axis, order_z)
+        yield out
 
 
 
