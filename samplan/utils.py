@@ -1,10 +1,11 @@
-"""Small shared helpers: atomic writes and JSON with numpy types."""
+"""Small shared helpers: atomic writes (and the clean-up of what killed writers left) and JSON with numpy types."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +60,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> int:
+    """Delete the temporary files that killed writers of `folder/name` left (call only where no other process
+    can be writing it: under the run's lock, or for a case this run is about to write); returns how many."""
+    stale = list(Path(folder).glob(f".{glob_escape(name)}.*.tmp*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def save_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> None:

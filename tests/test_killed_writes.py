@@ -16,6 +16,7 @@ import torch
 
 from samplan.models.checkpoint import load_checkpoint, save_checkpoint
 from samplan.preprocessing.cache import case_is_complete, open_case, write_case
+from samplan.utils import remove_stale_temporaries
 
 _CHILD = r"""
 import os, signal, sys
@@ -77,7 +78,9 @@ def test_label_map_killed_mid_export_is_absent_so_continue_redoes_the_case(tmp_p
     target = tmp_path / "case_001.nii.gz"
     _killed_child("label_map", target)
     assert not target.exists()  # --continue skips only cases whose label map exists
-    assert _hidden_temporaries(tmp_path)
+    (tmp_path / ".case_002.nii.gz.x.tmp.nii.gz").write_bytes(b"another case's")
+    assert remove_stale_temporaries(tmp_path, "case_001.nii.gz") == 1  # what the predictor does before the case
+    assert [p.name for p in _hidden_temporaries(tmp_path)] == [".case_002.nii.gz.x.tmp.nii.gz"]
 
 
 @pytest.mark.parametrize("earlier", [False, True])

@@ -34,6 +34,7 @@ from samplan.methods.base import Method, MethodPlan, PredictionContext
 from samplan.models.checkpoint import load_checkpoint, plain_state_dict
 from samplan.parallel import _call
 from samplan.preprocessing.preprocessor import configuration_plan, preprocess_case, preprocess_case_files
+from samplan.utils import remove_stale_temporaries
 
 CHECKPOINT_NAMES = ("final", "best", "latest")
 # finished label maps waiting to be written; more would only hold memory
@@ -253,6 +254,9 @@ class Predictor:
                 if overwrite or not self.is_done(output_dir, c, save_probabilities)}
         problems: dict[str, str] = {}
         todo, references = self._check_inputs(cases, todo, problems)  # refused cases are dropped before any output
+        for c in todo:  # what a killed earlier run left half-written for the cases this run writes
+            for name in (self.output_file(output_dir, c).name, f"{c}.npz", f"{c}.json"):
+                remove_stale_temporaries(output_dir, name)
         if not todo:
             if problems:
                 raise CaseProblems(problems, len(cases), output_dir)

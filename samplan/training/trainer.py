@@ -32,7 +32,7 @@ from samplan.models.checkpoint import load_checkpoint, save_checkpoint
 from samplan.paths import model_dir, preprocessed_root, resolve_dataset_name
 from samplan.training.checkpoint import load_pretrained_weights
 from samplan.training.logger import TrainingLogger
-from samplan.utils import load_json, save_json
+from samplan.utils import load_json, remove_stale_temporaries, save_json
 
 DEFAULT_SEED = 12345
 MODEL_FILES = ("plans.json", "dataset.json", "fingerprint.json")
@@ -194,6 +194,8 @@ def _resume_state(fold_dir: Path, logger: TrainingLogger) -> dict[str, Any] | No
 def _open_log(s: FoldSetup, continue_training: bool) -> tuple[TrainingLogger, dict[str, Any] | None]:
     """The fold's log (a new run starts a new one, and drops the old run's best) and the state to continue from."""
     s.fold_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth"):  # we hold the fold's lock
+        remove_stale_temporaries(s.fold_dir, name)
     earlier = [n for n in ("checkpoint_latest.pth", "checkpoint_final.pth") if (s.fold_dir / n).is_file()]
     if not continue_training:
         (s.fold_dir / "training_log.txt").unlink(missing_ok=True)
