@@ -18,7 +18,7 @@ from samplan.inference.input_checks import list_input_cases
 from samplan.inference.model_selection import load_model_files
 from samplan.models.checkpoint import save_checkpoint
 from synthetic import make_dataset_3d
-from test_predictor import PointwiseMethod, _plan, make_model  # noqa: F401 - the pointnet test method and its models
+from test_predictor import PointwiseMethod, _plan, make_model, make_two_channel_model  # noqa: F401 - the pointnet test method and its models
 
 EXIT = DatasetError.exit_code
 assert InputError.exit_code == EXIT == 2
@@ -110,13 +110,7 @@ def test_bad_cases_are_listed_and_the_good_ones_predicted(synth, samplan_env, tm
 
 def test_channels_on_different_grids_and_a_missing_channel(synth, samplan_env, tmp_path, capsys):
     raw, plans, dj = synth
-    # the same dataset declared with two channels: every case needs _0000 and _0001 on one grid
-    dj2 = {**dj, "channel_names": {"0": "MR0", "1": "MR1"}}
-    plans2 = json.loads(json.dumps(plans))
-    for cfg in plans2["configurations"].values():
-        cfg["normalization_schemes"] *= 2
-        cfg["use_mask_for_norm"] *= 2
-    make_model(samplan_env["SAMPLAN_RESULTS"], plans2, dj2, "3d_fullres", {0: (None, None)}, n_in=2)
+    make_two_channel_model(samplan_env["SAMPLAN_RESULTS"], plans, dj)  # every case needs _0000 and _0001 on one grid
     a = sorted((raw / "imagesTr").iterdir())[0]
     inp = tmp_path / "in"
     inp.mkdir()

@@ -271,15 +271,19 @@ def test_cli_lists_candidates_when_several_models_fit(synth, samplan_env, tmp_pa
         select_model(checkpoint="best")
 
 
-def test_cli_rejects_a_case_with_a_missing_channel(synth, samplan_env, tmp_path, capsys):
-    raw, plans, dj = synth
-    # the same dataset declared with two channels: every case needs _0000 and _0001
+def make_two_channel_model(results: Path, plans, dj) -> None:
+    """A pointnet model of the same dataset declared with two channels: every case needs _0000 and _0001."""
     dj2 = {**dj, "channel_names": {"0": "MR0", "1": "MR1"}}
     plans2 = json.loads(json.dumps(plans))
     for cfg in plans2["configurations"].values():
         cfg["normalization_schemes"] *= 2
         cfg["use_mask_for_norm"] *= 2
-    make_model(samplan_env["SAMPLAN_RESULTS"], plans2, dj2, "3d_fullres", {0: (None, None)}, n_in=2)
+    make_model(results, plans2, dj2, "3d_fullres", {0: (None, None)}, n_in=2)
+
+
+def test_cli_rejects_a_case_with_a_missing_channel(synth, samplan_env, tmp_path, capsys):
+    raw, plans, dj = synth
+    make_two_channel_model(samplan_env["SAMPLAN_RESULTS"], plans, dj)
     inp = tmp_path / "in"
     inp.mkdir()
     for f in sorted((raw / "imagesTr").iterdir()):
