@@ -65,11 +65,12 @@ def killed_runs(work: Path, trials: int, seed: int) -> list[dict]:
     """SIGKILL at random moments and inside writes, for every stage (faults_kill)."""
     rows = []
     for r in fk.kill_trials(work, fk.STAGES_CACHE, trials, seed):
-        detail = (f"seeds {r['seeds']}; kills left {r['half-written files']} half-written temporary file(s), "
+        detail = (f"{r['runs started'] - r['trials']} run(s) ended before their kill time and were repeated; "
+                  f"seeds {r['seeds']}; kills left {r['half-written files']} half-written temporary file(s), "
                   f"{r['temp files after re-run']} remain after the re-run")
         if r["details"]:
             detail += "; " + "; ".join(r["details"])
-        rows.append(_row(f"kill {r['stage']} ({r['kill']}, {r['killed']} killed)", r["trials"], r["resumed"],
+        rows.append(_row(f"kill {r['stage']} ({r['kill']})", r["trials"], r["resumed"],
                          r["identical"], detail))
     return rows
 
@@ -281,7 +282,7 @@ def concurrent_runs(work: Path) -> list[dict]:
     second = _cli("plan_and_preprocess", ["-d", "999", "-c", "2d", "-np", "2"], env)
     clear, detail = _clear(second, 75, str(first.pid))
     first.wait()
-    same, d2 = fk._compare_trees(work / "ref" / "pre", root / "pre")
+    same, d2 = fk._compare_trees(work / "ref" / "pre_after_preprocessing", root / "pre")
     rows.append(_row("two plan_and_preprocess at once", 1, int(seen and clear and first.returncode == 0), int(same),
                      f"second: {detail}; first finished, {d2}"))
 
@@ -355,7 +356,8 @@ def memory(work: Path) -> list[dict]:
     """Peak RSS of export (BraTS-like, CT-like) and of preprocessing 2,000 small cases with -np 2."""
     rows = []
     proc = subprocess.run([PY, str(HERE / "export_memory.py"), "--modes", "after"], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
+    table = proc.stdout.split("\n\n")[-1]  # the final table (the lines before it repeat its rows as they come)
+    for line in table.splitlines():
         if line.startswith("| brats") or line.startswith("| ct"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows.append(_row(f"memory: export of the {cells[0]} case ({cells[3]} classes, grid {cells[4]})", 1, 1, "-",

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from medsam_finetune import print_table  # noqa: E402  (shared table printer)
 
 DATASET = "Dataset999_Demo"
-TABLE_COLUMNS = ["stage", "kill", "trials", "killed", "resumed", "identical", "half-written files",
+TABLE_COLUMNS = ["stage", "kill", "trials", "runs started", "resumed", "identical", "half-written files",
                  "temp files after re-run"]
 PY = sys.executable
 TRAIN_ARGS = ["-d", "999", "-m", "unet", "-c", "2d", "-f", "0", "--epochs", "3", "--iters-per-epoch", "4",
@@ -209,30 +209,43 @@ def reference_runs(work: Path, stages: list[Stage]) -> None:
     (ref / "durations.json").write_text(json.dumps({st.name: st.durations[0] for st in stages}))
 
 
+def _one_trial(work: Path, st: Stage, root: Path, write_kind: str | None, t_rng: random.Random,
+               estimate: float) -> tuple[int, float]:
+    """Start the stage in a fresh trial folder and kill it (at a random moment within `estimate` seconds, or
+    inside a write); (exit status, seconds)."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    st.prepare(work / "ref", root)
+    if write_kind is None:  # from just after start-up to just before the end of an uninterrupted run
+        return _run(st.cli, st.args(root), root, kill_after=t_rng.uniform(0.5, max(1.0, 0.95 * estimate)))
+    return _run(st.cli, st.write_args or st.args(root), root, write_kind=write_kind, write_call=t_rng.randint(1, 3))
+
+
 def kill_trials(work: Path, stages: list[Stage], trials: int, seed: int) -> list[dict]:
-    """`trials` random-moment kills per stage plus kill-during-write trials; one row per stage and kind."""
+    """`trials` random-moment kills per stage plus kill-during-write trials; one row per stage and kind.
+
+    A run that ends before its kill time is no trial: it is repeated with a new seed, and the run's duration
+    becomes the stage's estimate (the reference may have run on a busier machine)."""
     rng = random.Random(seed)
     rows = []
     for st in stages:
         kinds = [("random moment", None)] + ([(f"during {st.write_kind} write", st.write_kind)] if st.write_kind else [])
         for kind, write_kind in kinds:
             n = trials if write_kind is None else max(3, trials // 3)
-            survived = identical = killed = 0
+            survived = identical = killed = attempts = 0
             details, leftovers, half_written, seeds = [], 0, 0, []
-            for i in range(n):
+            estimate = st.durations[0]
+            while killed < n and attempts < 3 * n:
+                attempts += 1
                 trial_seed = rng.randrange(2**31)
+                root = work / "trials" / f"{st.name}_{'w' if write_kind else 'r'}{attempts}"
+                code, sec = _one_trial(work, st, root, write_kind, random.Random(trial_seed), estimate)
+                if code != -9:  # finished (or failed) before the kill: not a trial
+                    estimate = min(estimate, sec)
+                    shutil.rmtree(root, ignore_errors=True)
+                    continue
+                killed += 1
                 seeds.append(trial_seed)
-                t_rng = random.Random(trial_seed)
-                root = work / "trials" / f"{st.name}_{'w' if write_kind else 'r'}{i}"
-                shutil.rmtree(root, ignore_errors=True)
-                root.mkdir(parents=True)
-                st.prepare(work / "ref", root)
-                if write_kind is None:  # from just after start-up to just before the uninterrupted run's end
-                    code, _ = _run(st.cli, st.args(root), root, kill_after=t_rng.uniform(0.5, st.durations[0]))
-                else:
-                    code, _ = _run(st.cli, st.write_args or st.args(root), root, write_kind=write_kind,
-                                   write_call=t_rng.randint(1, 3))
-                killed += code == -9
                 half_written += len(_leftover_temporaries(root))
                 code, _ = _run(st.cli, st.resume_args(root), root, kill_after=600)
                 leftovers += len(_leftover_temporaries(root))
@@ -242,8 +255,8 @@ def kill_trials(work: Path, stages: list[Stage], trials: int, seed: int) -> list
                 if not same:
                     details.append(f"seed {trial_seed}: {detail}")
                 shutil.rmtree(root, ignore_errors=True)
-            rows.append({"stage": st.name, "kill": kind, "trials": n, "killed": killed, "resumed": survived,
-                         "identical": identical, "half-written files": half_written,
+            rows.append({"stage": st.name, "kill": kind, "trials": killed, "runs started": attempts,
+                         "resumed": survived, "identical": identical, "half-written files": half_written,
                          "temp files after re-run": leftovers, "seeds": seeds, "details": details})
     return rows
 
