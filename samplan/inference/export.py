@@ -32,10 +32,9 @@ _RESAMPLING_KEYS = ("order", "order_z", "force_separate_z")
 _SLAB_VOXELS = 1 << 24
 
 
-def _cropped_grid(
-    properties: dict[str, Any], plans: dict[str, Any], configuration: str
-) -> tuple[list[int], dict[str, Any]]:
-    """`(shape, resample_channels arguments)` that take logits from the plan's grid back to the cropped grid."""
+def _cropped_grid(properties: dict[str, Any], plans: dict[str, Any], configuration: str) -> dict[str, Any]:
+    """The resample_channels arguments that take logits from the plan's grid back to the cropped grid
+    (`new_shape` is the cropped grid's shape)."""
     plan = configuration_plan(plans, configuration)
     forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     original_spacing = [float(properties["spacing"][a]) for a in forward]
@@ -43,15 +42,14 @@ def _cropped_grid(
     plan_spacing = target_spacing(plan, original_spacing)
     shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
     kwargs = {k: v for k, v in (plan.get("resampling_fn_probabilities_kwargs") or {}).items() if k in _RESAMPLING_KEYS}
-    return shape, {"new_shape": shape, "current_spacing": plan_spacing, "new_spacing": original_spacing, **kwargs}
+    return {"new_shape": shape, "current_spacing": plan_spacing, "new_spacing": original_spacing, **kwargs}
 
 
 def resampled_logits(
     logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str
 ) -> Iterator[np.ndarray]:
     """Logits `(K, z, y, x)` on the plan's grid -> K float32 arrays `shape_after_cropping_and_before_resampling`, one at a time."""
-    _, kwargs = _cropped_grid(properties, plans, configuration)
-    return resample_channels(logits, **kwargs)
+    return resample_channels(logits, **_cropped_grid(properties, plans, configuration))
 
 
 def _crop_box(properties: dict[str, Any]) -> tuple[slice, ...]:
@@ -133,9 +131,8 @@ def _class_in_input_grid(probabilities: np.ndarray, k: int, properties: dict[str
                          label_manager: LabelManager) -> np.ndarray:
     """float16 probabilities of class `k` in the input grid (a transposed view); outside the crop box background
     is certain for softmax outputs (the image is empty there) and every region 0."""
-    full = np.full(properties["shape_before_cropping"], 1 if k == 0 and not label_manager.has_regions else 0, np.float16)
-    full[_crop_box(properties)] = probabilities[k]
-    return full.transpose(_backward(plans))
+    fill = 1 if k == 0 and not label_manager.has_regions else 0
+    return _uncrop_and_untranspose(probabilities[k].astype(np.float16), properties, plans, fill)
 
 
 def _label_map_in_input_grid(
@@ -145,7 +142,7 @@ def _label_map_in_input_grid(
     """Label map in the input grid, and (if asked) float32 probabilities `(K, *cropped)` on the cropped grid."""
     channels = resampled_logits(logits, properties, plans, configuration)
     if with_probabilities:
-        shape, _ = _cropped_grid(properties, plans, configuration)
+        shape = _cropped_grid(properties, plans, configuration)["new_shape"]
         seg, probabilities = _label_map_and_probabilities(channels, shape, label_manager)
     else:
         seg, probabilities = _running_label_map(channels, label_manager), None

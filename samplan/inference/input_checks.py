@@ -14,8 +14,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from samplan.dataset.dataset_json import group_images_by_case
-from samplan.dataset.image_io import NATURAL_ENDINGS, SUPPORTED_ENDINGS
+from samplan.dataset.image_io import NATURAL_ENDINGS
 from samplan.errors import DatasetError, InputError
+from samplan.inference.export import case_stem
 
 # PIL modes of one channel; every other mode is read as RGB (see samplan.dataset.image_io)
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -89,7 +90,7 @@ def _case_problem(files: list[Path], num_channels: int, trained_2d: bool | None)
     names = ", ".join(f.name for f in files) or "(none)"
     expected = ("1 channel (one file, _0000)" if num_channels == 1
                 else f"{num_channels} channels, one file each: _0000 ... _{num_channels - 1:04d}")
-    if [_stem(f.name)[-4:] for f in files] != [f"{i:04d}" for i in range(len(files))]:
+    if [case_stem(f)[-4:] for f in files] != [f"{i:04d}" for i in range(len(files))]:
         return f"channel files must be numbered _0000, _0001, ... without gaps; found {names}. The model expects {expected}."
     found = 0
     for f in files:
@@ -108,14 +109,6 @@ def _case_problem(files: list[Path], num_channels: int, trained_2d: bool | None)
         fix = "Add the missing channel files" if found < num_channels else "Remove the extra files"
         return f"{found} channel(s) in {names}, but the model expects {expected}. {fix}, or use a model trained on {found}."
     return None
-
-
-def _stem(name: str) -> str:
-    """A file name without its image file ending."""
-    for ending in sorted(SUPPORTED_ENDINGS, key=len, reverse=True):
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return name
 
 
 def _header(path: Path) -> tuple[int, tuple[int, ...]]:
