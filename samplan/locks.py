@@ -111,6 +111,9 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
     with disk_full_guard(path.parent, detail=f" while creating the lock file {path.name}"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path, what) if fcntl is not None else None
+    if fcntl is None:
+        print(f"note: no file locks on this platform (no fcntl): a second run on {path.parent} at the same time "
+              "would not be stopped", file=sys.stderr)
     if fd is None:
         yield path
         return

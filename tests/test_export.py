@@ -349,3 +349,28 @@ def test_saved_probabilities_equal_the_returned_ones(tmp_path):
     np.testing.assert_array_equal(saved, probs)
     assert saved.shape == (3, *seg.shape) and np.all(saved[:, 0, 0, 0] == 0)  # outside the box: no region
     np.testing.assert_array_equal(read_seg(out)[0][0], seg)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.float16])
+def test_streamed_probabilities_equal_softmax_of_all_classes_at_once(tmp_path, logits_dtype):
+    # the .npz is written class by class from a running maximum and sum: compare with softmax over all K at once
+    from samplan.inference.export import resampled_logits
+
+    rng = np.random.default_rng(7)
+    image, _ = _phantom((10, 30, 26), rng)
+    _write(image, tmp_path / "c_0000.nii.gz", (0.8, 0.8, 2.0), RAS)
+    images, props = read_images([tmp_path / "c_0000.nii.gz"])
+    plans = _plans([2.0, 1.1, 1.3], [1.1, 1.3], transpose=(0, 2, 1))
+    data, _, p = preprocess_case(images, None, props, plans, "3d_fullres")
+    labels = {"background": 0, **{f"organ{k}": k for k in range(1, 9)}}
+    lm = LabelManager.from_dataset_json({"labels": labels})
+    logits = (4 * torch.randn(9, *data.shape[1:], generator=torch.Generator().manual_seed(1))).to(logits_dtype)
+    seg, probs = logits_to_label_map(logits, p, plans, "3d_fullres", lm, return_probabilities=True)
+    assert probs.dtype == np.float16 and probs.shape == (9, *images.shape[1:])
+    every = torch.from_numpy(np.stack(list(resampled_logits(logits, p, plans, "3d_fullres"))))
+    expected = torch.softmax(every, 0).numpy().astype(np.float16)
+    box = tuple(slice(a, b) for a, b in p["bbox_used_for_cropping"])
+    inside = probs.transpose(0, *(a + 1 for a in plans["transpose_forward"]))[(slice(None), *box)]
+    np.testing.assert_allclose(inside.astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=1e-6)
+    # the label map is the same with and without probabilities (both are the running argmax of the logits)
+    np.testing.assert_array_equal(seg, logits_to_label_map(logits, p, plans, "3d_fullres", lm))

@@ -159,6 +159,14 @@ def test_folds_are_ensembled_by_averaging_probabilities(synth, tmp_path):
     data, _, _ = preprocess_case_files(sorted((raw / "imagesTr").iterdir())[:1], None, plans, "3d_fullres")
     expected = sum(torch.softmax(p.predict_logits(data), 0) for p in singles) / 2
     torch.testing.assert_close(torch.softmax(both.predict_logits(data), 0), expected, rtol=1e-4, atol=1e-5)
+    # a case too large for float32 logits is averaged in float16, slab by slab: the same within float16 rounding
+    from samplan.engine import dense
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dense, "FLOAT32_LOGITS_MAX_BYTES", 0)
+        half = both.predict_logits(data)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(torch.softmax(half.float(), 0), expected, rtol=0, atol=2e-3)
     with pytest.raises(SamplanError, match="fold"):
         Predictor.from_model_dir(md, folds=[3], device="cpu")
     with pytest.raises(SamplanError, match="checkpoint_best"):

@@ -231,3 +231,57 @@ def test_plain_conv_unet_with_deep_supervision():
     without = predict_dense(build(False), data, plans, cfg, mirror_axes=(0, 1, 2), device="cpu")
     assert with_ds.shape == (3, 10, 30, 28)
     torch.testing.assert_close(with_ds, without)
+
+
+def _whole_volume_sum(net, data, patch, batch_size):
+    """The plain algorithm the band accumulator must reproduce: float32 sums over the whole padded volume."""
+    padded, keep = pad_to_patch(data, patch)
+    starts = window_starts(padded.shape[1:], patch, 0.5)
+    g = gaussian_importance_map(patch)
+    total, weights = None, torch.zeros(padded.shape[1:])
+    with torch.no_grad():
+        for b0 in range(0, len(starts), batch_size):
+            boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b0 : b0 + batch_size]]
+            out = net(torch.stack([padded[(slice(None), *b)] for b in boxes])) * g
+            if total is None:
+                total = torch.zeros((out.shape[1], *padded.shape[1:]))
+            for box, o in zip(boxes, out):
+                total[(slice(None), *box)] += o
+                weights[box] += g
+    return (total / weights)[(slice(None), *keep)]
+
+
+@pytest.mark.parametrize("shape,patch,batch", [((2, 29, 17, 13), (8, 8, 8), 2), ((2, 5, 9, 30), (8, 16, 12), 3),
+                                               ((2, 24, 24, 24), (12, 12, 12), 1), ((2, 9, 40, 20), (9, 10, 10), 4)])
+def test_band_accumulation_is_bit_identical_to_whole_volume_sums(shape, patch, batch):
+    # the band holds one window's depth of slices; each voxel still sees the same float32 additions in order
+    torch.manual_seed(4)
+    data = torch.randn(shape)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 1))
+    plans, cfg = _plans(patch, batch_size=batch)
+    out = predict_dense(net, data, plans, cfg, device="cpu")
+    assert out.dtype == torch.float32 and out.shape == (3, *shape[1:])
+    assert torch.equal(out, _whole_volume_sum(net, data, patch, batch))
+
+
+def test_logits_too_large_for_float32_come_back_as_float16_with_the_same_labels(monkeypatch):
+    from samplan.engine import dense
+
+    torch.manual_seed(5)
+    data = torch.randn(1, 26, 30, 22)
+    net = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, 5, 1))
+    plans, cfg = _plans((8, 16, 12))
+    full = predict_dense(net, data, plans, cfg, device="cpu")
+    monkeypatch.setattr(dense, "FLOAT32_LOGITS_MAX_BYTES", full.numel() * 4 - 1)  # one byte too small
+    half = predict_dense(net, data, plans, cfg, device="cpu")
+    assert half.dtype == torch.float16 and half.shape == full.shape
+    # float16 keeps 11 significant bits: the logits agree to 2^-11 relative, the labels except at near-ties
+    torch.testing.assert_close(half.float(), full, rtol=2**-11, atol=1e-4)
+    top2 = full.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-2 * top2[0].abs().clamp_min(1)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(half.float().argmax(0)[clear], full.argmax(0)[clear])
+    # beyond float16's range a logit is clamped to its largest finite value, never inf
+    big = predict_dense(Pointwise(3, a=(0.0, 1e6, -1e6), b=(0.0, 0.0, 0.0)), data, plans, cfg, device="cpu",
+                        out_dtype=torch.float16)
+    assert big.dtype == torch.float16 and torch.isfinite(big).all() and big.abs().max() == 65504

@@ -20,6 +20,10 @@ from samplan.preprocessing.preprocessor import configuration_plan
 
 # upper bound of input voxels (channels x window voxels x batch) sent to the network at once
 _MAX_BATCH_VOXELS = 2**23
+# float32 logits of a whole case above this size are returned as float16 (14 classes on a 512x512x600 CT: 8.8 GB
+# in float32); float16 keeps 11 significant bits, so only a near-tie of two logits can change a voxel's label
+FLOAT32_LOGITS_MAX_BYTES = 2**31
+_FLOAT16_MAX = 65504.0
 
 
 def network_output(output: Any) -> torch.Tensor:
@@ -59,14 +63,17 @@ def predict_dense(
     device: str | torch.device = "cpu",
     step_size: float = DEFAULT_STEP_SIZE,
     batch_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits `(K, Z, Y, X)` float32 on the CPU for one preprocessed case `(C, Z, Y, X)` (transposed order).
+    """Logits `(K, Z, Y, X)` on the CPU for one preprocessed case `(C, Z, Y, X)` (transposed order).
 
     A 3-entry patch size means 3D windows; a 2-entry one means slices along axis 0, `batch_size` of them
     (default: the plan's batch size, capped so that a batch stays under ~32 MB of input) per forward pass.
     Images smaller than the patch are zero-padded (centred) and the padding is cut off again. `mirror_axes`
     are spatial axes of the network input (3D: 0..2 = Z, Y, X; 2D: 0..1 = Y, X); empty disables TTA.
     For networks that return a list (deep supervision), only the first, full-resolution output is used.
+    Windows are summed in float32 over a band of one window's depth (see _BandAccumulator); the result is
+    float32, or float16 when a float32 one would exceed FLOAT32_LOGITS_MAX_BYTES (`out_dtype` forces one).
     """
     plan = configuration_plan(plans, configuration)
     patch = tuple(int(p) for p in plan["patch_size"])
@@ -84,9 +91,8 @@ def predict_dense(
     batch_size = max(1, min(batch_size, _MAX_BATCH_VOXELS // max(1, data.shape[0] * int(np.prod(window)))))
 
     network = network.to(device).eval()
-    # float32 accumulators on the CPU: nnU-Net's float16 ones need its value_scaling_factor to avoid underflow
-    logits = weights = None
     gaussian_dev = gaussian.to(device)
+    accumulator: _BandAccumulator | None = None
     # precision (autocast) is the caller's choice, e.g. Predictor(precision=...)
     for b0 in range(0, len(starts), batch_size):
         batch_starts = starts[b0 : b0 + batch_size]
@@ -98,11 +104,79 @@ def predict_dense(
         if slices_2d:
             out = out[:, :, None]
         out = (out * gaussian_dev).cpu()
-        if logits is None:
-            logits = torch.zeros((out.shape[1], *padded.shape[1:]), dtype=torch.float32)
-            weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
+        if accumulator is None:
+            accumulator = _BandAccumulator(out.shape[1], padded.shape[1:], keep, window[0], out_dtype)
         for box, o in zip(boxes, out):
-            logits[(slice(None), *box)] += o
-            weights[box] += gaussian
-    logits /= weights
-    return logits[(slice(None), *keep)].contiguous()
+            accumulator.add(box, o, gaussian)
+    return accumulator.finish()
+
+
+def row_slabs(array: torch.Tensor | np.ndarray, max_voxels: int = 1 << 24) -> list[slice]:
+    """Slices along axis 1 of a `(K, Z, ...)` array, each holding at most about `max_voxels` values of all K."""
+    per_row = max(1, int(np.prod(array.shape)) // max(int(array.shape[1]), 1))
+    rows = max(1, max_voxels // per_row)
+    return [slice(z, z + rows) for z in range(0, int(array.shape[1]), rows)]
+
+
+def logits_dtype(num_outputs: int, spatial_shape: Sequence[int]) -> torch.dtype:
+    """float32, or float16 when float32 logits of the whole case would exceed FLOAT32_LOGITS_MAX_BYTES."""
+    nbytes = 4 * int(num_outputs) * int(np.prod([int(s) for s in spatial_shape]))
+    return torch.float32 if nbytes <= FLOAT32_LOGITS_MAX_BYTES else torch.float16
+
+
+def _ring_pieces(z0: int, z1: int, depth: int) -> list[tuple[slice, slice]]:
+    """(ring slice, offset slice) pairs that cover slices [z0, z1) of a ring buffer of `depth` slices."""
+    pieces, z = [], z0
+    while z < z1:
+        r = z % depth
+        n = min(z1 - z, depth - r)
+        pieces.append((slice(r, r + n), slice(z - z0, z - z0 + n)))
+        z += n
+    return pieces
+
+
+class _BandAccumulator:
+    """Gaussian-weighted window sums over a band of `depth` slices (a ring buffer along axis 0).
+
+    Windows arrive sorted by their first slice (window_starts is z-major), so every slice in front of the
+    newest window's first slice is final: it is divided by its weight sum, written to the output and its ring
+    slots are reused. Each voxel sees the same float32 additions in the same order as a whole-volume
+    accumulator, so float32 output is bit-identical to one; memory is K x depth slices instead of K x Z.
+    """
+
+    def __init__(self, channels: int, padded_shape: Sequence[int], keep: tuple[slice, ...], depth: int,
+                 out_dtype: torch.dtype | None) -> None:
+        self.depth, self.keep, self.next_final = int(depth), keep, 0
+        self.total = int(padded_shape[0])
+        kept_shape = [k.stop - k.start for k in keep]
+        self.out_dtype = out_dtype or logits_dtype(channels, kept_shape)
+        self.out = torch.empty((channels, *kept_shape), dtype=self.out_dtype)
+        self.sums = torch.zeros((channels, self.depth, *padded_shape[1:]), dtype=torch.float32)
+        self.weights = torch.zeros((self.depth, *padded_shape[1:]), dtype=torch.float32)
+
+    def add(self, box: tuple[slice, ...], values: torch.Tensor, gaussian: torch.Tensor) -> None:
+        """Add one window's weighted logits `(K, *window)` (already multiplied by `gaussian`) at `box`."""
+        self._finalise(box[0].start)
+        rest = box[1:]
+        for ring, offset in _ring_pieces(box[0].start, box[0].stop, self.depth):
+            self.sums[(slice(None), ring, *rest)] += values[:, offset]
+            self.weights[(ring, *rest)] += gaussian[offset]
+
+    def finish(self) -> torch.Tensor:
+        """The logits `(K, *kept shape)` once every window was added."""
+        self._finalise(self.total)
+        return self.out
+
+    def _finalise(self, z_end: int) -> None:
+        """Write slices [next_final, z_end) to the output, one at a time (small temporaries), and clear their slots."""
+        kz = self.keep[0]
+        for z in range(self.next_final, z_end):
+            r = z % self.depth
+            if kz.start <= z < kz.stop:
+                piece = self.sums[(slice(None), r, *self.keep[1:])] / self.weights[(r, *self.keep[1:])]
+                if self.out_dtype == torch.float16:  # beyond float16's range a logit would become +-inf
+                    piece = piece.clamp_(-_FLOAT16_MAX, _FLOAT16_MAX)
+                self.out[:, z - kz.start] = piece
+            self.sums[:, r] = 0
+            self.weights[r] = 0
+        self.next_final = max(self.next_final, z_end)

@@ -9,8 +9,9 @@ and transpose back to the reader's axis order. The writer is the one that read t
 Memory: K classes at full resolution in float32 is what makes a naive export large (14 CT classes on a
 512x512x600 grid: 8.8 GB). The label map is therefore built one class at a time (resample a class, keep
 a running maximum and its index, or paint a region), which gives the same labels as an argmax over all
-K. Probabilities need every class at a voxel, so with them the resampled logits of all classes are kept
-once (float32, cropped grid), turned into probabilities slab by slab, and written to the .npz class by class.
+K. Probabilities need every class at a voxel: a first pass over the classes keeps the running maximum and the
+sum of exponentials (softmax's normaliser), a second pass resamples each class again and writes its probability
+to the .npz, so no more than a few single-class arrays exist at once, whatever K is.
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ from samplan.preprocessing.resampling import resample_channels
 from samplan.utils import atomic_path, save_json
 
 _RESAMPLING_KEYS = ("order", "order_z", "force_separate_z")
-# voxels (all classes together) per slab when probabilities are computed: bounds softmax's temporaries
-_SLAB_VOXELS = 1 << 24
 
 
 def _cropped_grid(properties: dict[str, Any], plans: dict[str, Any], configuration: str) -> dict[str, Any]:
@@ -97,28 +96,43 @@ def _running_label_map(channels: Iterable[np.ndarray], label_manager: LabelManag
     return np.asarray(label_manager.label_values, dtype=np.int16)[winner]
 
 
-def _label_map_and_probabilities(
-    channels: Iterable[np.ndarray], shape: list[int], label_manager: LabelManager
-) -> tuple[np.ndarray, np.ndarray]:
-    """int16 label map `shape` and float32 probabilities `(K, *shape)`, both on the cropped grid.
+def _softmax_normaliser(channels: Iterable[np.ndarray], label_manager: LabelManager) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label map, running maximum m and sum of exp(logit - m) from logits seen one class at a time.
 
-    The probabilities need every class at a voxel, so the resampled logits of all K are kept (once);
-    softmax or sigmoid then overwrite them slab by slab along the first axis, which bounds the
-    temporaries to one slab.
+    The probability of class k is then exp(logit_k - m) / sum: softmax without ever holding all K classes.
+    The label map is _running_label_map's (the first maximum wins).
     """
-    store = np.empty((label_manager.num_outputs, *shape), dtype=np.float32)
+    maximum = total = winner = None
     for k, channel in enumerate(channels):
-        store[k] = channel
-    seg = np.empty(shape, dtype=np.int16)
-    rows = max(1, _SLAB_VOXELS // max(store[:, :1].size, 1))
-    for z0 in range(0, shape[0], rows):
-        logits = torch.from_numpy(np.ascontiguousarray(store[:, z0 : z0 + rows]))
-        probabilities = label_manager.logits_to_probabilities(logits)
-        # softmax keeps the order of the logits, so the argmax needs no softmax
-        seg[z0 : z0 + rows] = label_manager.probabilities_to_segmentation(
-            probabilities if label_manager.has_regions else logits)
-        store[:, z0 : z0 + rows] = probabilities.numpy()
-    return seg, store
+        channel = np.asarray(channel, dtype=np.float32)
+        if maximum is None:
+            maximum = channel.copy()  # a copy: the channel may be a view of the caller's logits
+            total = np.ones_like(maximum)
+            winner = np.zeros(channel.shape, dtype=np.uint8 if label_manager.num_outputs <= 256 else np.int16)
+            continue
+        better = channel > maximum
+        better |= np.isnan(channel) & ~np.isnan(maximum)
+        winner[better] = k
+        new_max = np.maximum(maximum, channel)
+        total *= np.exp(maximum - new_max)
+        maximum = new_max
+        total += np.exp(channel - maximum)
+    return np.asarray(label_manager.label_values, dtype=np.int16)[winner], maximum, total
+
+
+def _probability_classes(
+    logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str,
+    label_manager: LabelManager, normaliser: tuple[np.ndarray, np.ndarray] | None,
+) -> Iterator[np.ndarray]:
+    """float16 probabilities on the cropped grid, one class at a time (a second pass over the resampled logits)."""
+    for channel in resampled_logits(logits, properties, plans, configuration):
+        if normaliser is None:  # regions: sigmoid per channel
+            p = torch.sigmoid(torch.as_tensor(channel)).numpy()
+        else:
+            maximum, total = normaliser
+            p = np.exp(channel - maximum)
+            p /= total
+        yield p.astype(np.float16)
 
 
 def _compact(seg: np.ndarray) -> np.ndarray:
@@ -127,25 +141,29 @@ def _compact(seg: np.ndarray) -> np.ndarray:
     return seg.astype(np.uint8 if fits_uint8 else np.int16, copy=False)
 
 
-def _class_in_input_grid(probabilities: np.ndarray, k: int, properties: dict[str, Any], plans: dict[str, Any],
+def _class_in_input_grid(probability: np.ndarray, k: int, properties: dict[str, Any], plans: dict[str, Any],
                          label_manager: LabelManager) -> np.ndarray:
-    """float16 probabilities of class `k` in the input grid (a transposed view); outside the crop box background
-    is certain for softmax outputs (the image is empty there) and every region 0."""
+    """float16 probabilities of class `k` (cropped grid) in the input grid (a transposed view); outside the crop
+    box background is certain for softmax outputs (the image is empty there) and every region 0."""
     fill = 1 if k == 0 and not label_manager.has_regions else 0
-    return _uncrop_and_untranspose(probabilities[k].astype(np.float16), properties, plans, fill)
+    return _uncrop_and_untranspose(probability.astype(np.float16, copy=False), properties, plans, fill)
 
 
 def _label_map_in_input_grid(
     logits: torch.Tensor | np.ndarray, properties: dict[str, Any], plans: dict[str, Any], configuration: str,
     label_manager: LabelManager, with_probabilities: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Label map in the input grid, and (if asked) float32 probabilities `(K, *cropped)` on the cropped grid."""
+) -> tuple[np.ndarray, Iterator[np.ndarray] | None]:
+    """Label map in the input grid, and (if asked) an iterator over the float16 probabilities of each class on the
+    cropped grid, which resamples the logits a second time instead of keeping all K classes."""
     channels = resampled_logits(logits, properties, plans, configuration)
-    if with_probabilities:
-        shape = _cropped_grid(properties, plans, configuration)["new_shape"]
-        seg, probabilities = _label_map_and_probabilities(channels, shape, label_manager)
+    probabilities = None
+    if with_probabilities and not label_manager.has_regions:
+        seg, maximum, total = _softmax_normaliser(channels, label_manager)
+        probabilities = _probability_classes(logits, properties, plans, configuration, label_manager, (maximum, total))
     else:
-        seg, probabilities = _running_label_map(channels, label_manager), None
+        seg = _running_label_map(channels, label_manager)
+        if with_probabilities:
+            probabilities = _probability_classes(logits, properties, plans, configuration, label_manager, None)
     return _uncrop_and_untranspose(_compact(seg), properties, plans), probabilities
 
 
@@ -169,22 +187,22 @@ def logits_to_label_map(
                                                   return_probabilities)
     if not return_probabilities:
         return seg
-    full = np.empty((len(probabilities), *seg.shape), dtype=np.float16)
-    for k in range(len(probabilities)):
-        full[k] = _class_in_input_grid(probabilities, k, properties, plans, label_manager)
+    full = np.empty((label_manager.num_outputs, *seg.shape), dtype=np.float16)
+    for k, probability in enumerate(probabilities):
+        full[k] = _class_in_input_grid(probability, k, properties, plans, label_manager)
     return seg, full
 
 
-def _write_probabilities_npz(path: Path, probabilities: np.ndarray, properties: dict[str, Any],
+def _write_probabilities_npz(path: Path, probabilities: Iterable[np.ndarray], properties: dict[str, Any],
                              plans: dict[str, Any], label_manager: LabelManager) -> None:
     """Write `{"probabilities": float16 (K, Z, Y, X)}` as np.savez_compressed would, one class at a time, atomically."""
-    shape = (len(probabilities), *(int(properties["shape_before_cropping"][a]) for a in _backward(plans)))
+    shape = (label_manager.num_outputs, *(int(properties["shape_before_cropping"][a]) for a in _backward(plans)))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         with zf.open("probabilities.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)  # a 3-entry dict: always within version 1.0's limit
-            for k in range(len(probabilities)):
-                block = np.ascontiguousarray(_class_in_input_grid(probabilities, k, properties, plans, label_manager))
+            for k, probability in enumerate(probabilities):
+                block = np.ascontiguousarray(_class_in_input_grid(probability, k, properties, plans, label_manager))
                 f.write(block.reshape(-1).view(np.uint8))
 
 

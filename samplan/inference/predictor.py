@@ -25,6 +25,7 @@ from tqdm import tqdm
 from samplan.dataset.labels import LabelManager
 from samplan.errors import DatasetError, InputError, SamplanError
 from samplan.devices import autocast, autocast_dtype, resolve_device
+from samplan.engine.dense import row_slabs
 from samplan.inference.export import export_prediction, logits_to_label_map
 from samplan.inference.input_checks import (CaseProblems, case_problems, check_folders, list_input_cases, shown_names,
                                             trained_on_2d)
@@ -177,12 +178,18 @@ class Predictor:
                 logits = self.method.predict_logits(self.network, data, self.mp, context)
             if len(folds) == 1:
                 return logits
-            probs = self.label_manager.logits_to_probabilities(logits)
-            total = probs if total is None else total.add_(probs)
-        mean = total.div_(len(folds))
-        if self.label_manager.has_regions:
-            return torch.logit(mean, eps=1e-6)
-        return torch.log(mean.clamp_min_(1e-8))
+            if total is None:  # in the logits' dtype: float16 for cases too large for float32 (engine.dense)
+                total = torch.zeros_like(logits)
+            for rows in row_slabs(logits):  # float32 temporaries of one slab, never of the whole case
+                total[:, rows] += self.label_manager.logits_to_probabilities(logits[:, rows]).to(total.dtype)
+            del logits
+        for rows in row_slabs(total):
+            mean = total[:, rows].float().div_(len(folds))
+            if self.label_manager.has_regions:
+                total[:, rows] = torch.logit(mean, eps=1e-6)
+            else:
+                total[:, rows] = torch.log(mean.clamp_min_(1e-8))
+        return total
 
     # ------------------------------------------------------------------------------------------- in memory
 

@@ -37,14 +37,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        if "allowed global" in str(e):
-            raise InputError(f"{path} holds Python objects other than tensors, numbers and strings, so samplan does not "
-                             f"load it (weights_only=True: it could run code); it is not a samplan checkpoint: {fix}.") from e
-        raise InputError(f"{path} is damaged or truncated ({torch_error_reason(e)}); {fix}.") from e
+        raise InputError(unreadable_torch_file(path, e, fix, "a samplan checkpoint")) from e
     missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
     if missing:
         raise InputError(f"{path} is not a samplan checkpoint (it lacks {', '.join(missing)}); {fix}.")
     return state
+
+
+def unreadable_torch_file(path: str | Path, e: Exception, fix: str, what: str = "a checkpoint") -> str:
+    """One line on why torch.load(weights_only=True) refused `path`: it holds code-carrying objects, or it is damaged."""
+    if "global" in str(e).lower():  # torch: "Unsupported global: ..." or "unsupported GLOBAL posix.system ..."
+        return (f"{path} holds Python objects other than tensors, numbers and strings, so samplan does not load it "
+                f"(weights_only=True: it could run code); it is not {what}: {fix}.")
+    return f"{path} is damaged or truncated ({torch_error_reason(e)}); {fix}."
 
 
 def torch_error_reason(e: Exception) -> str:

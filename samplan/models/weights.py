@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from samplan.disk_space import check_free_space, disk_full_guard
 from samplan.errors import SamplanError
-from samplan.models.checkpoint import torch_error_reason
+from samplan.models.checkpoint import unreadable_torch_file
 from samplan.models.specs import ALIASES, BackboneSpec
 from samplan.utils import atomic_path
 
@@ -224,9 +225,8 @@ def load_state_file(path: str | os.PathLike, name: str | None = None, sha256: st
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, or pickled code weights_only refuses
-        raise SamplanError(f"cannot read checkpoint {p} as plain tensors (torch.load weights_only=True refuses anything "
-                           f"that could run code): {torch_error_reason(e)}. Download the weights file again from "
-                           "its source.") from e
+        raise SamplanError(unreadable_torch_file(p, e, "download the weights file again from its source",
+                                                 "a weights file")) from e
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -361,8 +361,13 @@ def fetch_weights(name: str, *, timeout: float = 30.0) -> Path:
                            f"{entry.source}, then run `samplan_weights install {name} FILE`")
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if entry.size is not None:  # say how much space is needed before a long download fills the disk
+        check_free_space(part.parent, entry.size - (part.stat().st_size if part.is_file() else 0),
+                         f"downloading {entry.file_name}")
     try:
-        _download(entry.url, part, timeout)
+        # a full disk mid-download is reported as such; the partial file stays for the resumed fetch
+        with disk_full_guard(part.parent, detail=f" while downloading {entry.file_name} (partial file kept)"):
+            _download(entry.url, part, timeout)
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         kept = f" (partial download kept in {part}; fetch again to resume)" if part.is_file() else ""

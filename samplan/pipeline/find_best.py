@@ -29,7 +29,7 @@ from samplan.paths import find_best_dir, preprocessed_root, resolve_dataset_name
 from samplan.pipeline.best_prediction import INSTRUCTIONS, commands
 from samplan.pipeline.candidates import (Member, cascade_members, gather, needs_run,
                                          run_cascade_validation, run_single_validation)
-from samplan.utils import load_json, save_json
+from samplan.utils import atomic_path, load_json, save_json
 
 
 
@@ -207,7 +207,8 @@ def write_instructions(dataset_name: str, best: Candidate, folds: list[str], rep
                     "commands": commands(dataset_name, [m.describe() for m in best.members], best.postprocessing, folds)}
     out = results_root() / dataset_name / INSTRUCTIONS
     save_json(instructions, out)
-    out.with_suffix(".txt").write_text(instructions_text(report, instructions))
+    with atomic_path(out.with_suffix(".txt")) as tmp:  # atomic: a full disk leaves the old text, never half of one
+        tmp.write_text(instructions_text(report, instructions))
     return out
 
 

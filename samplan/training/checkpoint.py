@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from samplan.errors import SamplanError
-from samplan.models.checkpoint import plain_key, torch_error_reason
+from samplan.models.checkpoint import plain_key, unreadable_torch_file
 
 
 def load_pretrained_weights(network: torch.nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
@@ -22,8 +22,8 @@ def load_pretrained_weights(network: torch.nn.Module, path: str | Path) -> tuple
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise SamplanError(f"{path} cannot be loaded with weights_only=True ({torch_error_reason(e)}): it is damaged, "
-                           "truncated or holds more than tensors; give an intact checkpoint or state dict file.") from e
+        raise SamplanError(unreadable_torch_file(path, e, "give an intact checkpoint or state dict file",
+                                                 "a checkpoint or state dict")) from e
     weights = saved.get("network_weights", saved) if isinstance(saved, dict) else None
     if not isinstance(weights, dict):
         raise SamplanError(f"{path} holds neither a samplan checkpoint nor a state dict.")
