@@ -30,7 +30,7 @@ from samplan.utils import atomic_path
 
 @dataclass(frozen=True)
 class WeightsEntry:
-    """One official checkpoint: file name, size in bytes and sha256 (None where unpublished), download URL."""
+    """One official checkpoint: file name, size in bytes and sha256 (None where unpublished), download URL, licence."""
 
     name: str
     file_name: str
@@ -38,6 +38,8 @@ class WeightsEntry:
     sha256: str | None
     url: str | None
     source: str
+    # every official SAM, SAM 2, MedSAM and LiteMedSAM release so far is Apache-2.0; model exports record it
+    licence: str = "Apache-2.0"
 
 
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
