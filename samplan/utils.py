@@ -76,7 +76,9 @@ def save_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> None
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             separators = (",", ":") if indent is None else None
-            json.dump(obj, f, indent=indent, separators=separators, default=_json_default)
+            # dumps, not dump: json.dump always takes the pure-Python encoder, dumps the C one when indent is None
+            # (a case's properties with class locations: 13 s of 52 in preprocessing 200 Hippocampus cases)
+            f.write(json.dumps(obj, indent=indent, separators=separators, default=_json_default))
             f.write("\n")
 
 

@@ -3,6 +3,7 @@ that resumes. ENOSPC is simulated by making a writer fail mid-write (no root, no
 from __future__ import annotations
 
 import errno
+import io
 import json
 import pickle
 import shutil
@@ -29,18 +30,23 @@ def _free(monkeypatch, free: int) -> None:
 
 
 def _enospc_after(n_bytes: int):
-    """A json.dump stand-in that writes `n_bytes` of the document and then fails like a full disk."""
-    def dump(obj, f, **kwargs):
-        f.write(json.dumps(obj, default=str)[:n_bytes])
-        f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return dump
+    """An `open` stand-in whose files take `n_bytes` of what is written and then fail like a full disk."""
+    class Filling(io.TextIOWrapper):
+        def write(self, text):
+            super().write(text[:n_bytes])
+            self.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", **kwargs):
+        assert "w" in mode
+        return Filling(io.FileIO(path, "w"), encoding="utf-8")
+    return fake_open
 
 
 def test_a_write_cut_by_a_full_disk_raises_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "out" / "plans.json"
     save_json({"old": True}, target)
-    monkeypatch.setattr("samplan.utils.json.dump", _enospc_after(5))
+    monkeypatch.setattr("samplan.utils.open", _enospc_after(5), raising=False)
     with pytest.raises(DiskFullError) as e:
         save_json({"new": list(range(100))}, target)
     msg = str(e.value)

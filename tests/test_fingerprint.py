@@ -261,3 +261,23 @@ def test_kvasir_subset(tmp_path):
     assert polyp["slice_fraction"]["min"] == 1.0 and polyp["components_per_case"]["min"] >= 1
     assert polyp["components_per_slice"]["max"] == polyp["components_per_case"]["max"]  # one slice per case
     assert all(e >= 1 for e in polyp["inplane_extent_pixels"]["p05"])
+
+
+@pytest.mark.parametrize("name,n_cases", [("Dataset004_Hippocampus", 6), ("Dataset502_PICAIToy_T2ADCHBV", 3)])
+def test_verification_and_fingerprint_read_every_file_once(samplan_env, monkeypatch, name, n_cases):
+    # plan_and_preprocess hands the fingerprint's per-case work to verification: one read per file, same result
+    import samplan.dataset.image_io as image_io
+    from samplan.pipeline.planning import plan_and_preprocess
+
+    import samplan.experiment_planning.fingerprint as fingerprint
+
+    ds = copy_shared_subset(name, samplan_env["SAMPLAN_RAW"], n_cases)
+    monkeypatch.setattr(fingerprint, "NNUNET_INTENSITY_SAMPLES", 1e5)  # fewer samples, same code: fast
+    separate = extract_fingerprint(ds, num_processes=1, progress=False, total_intensity_samples=1e5)
+    reads: list[str] = []
+    original = image_io._read_sitk
+    monkeypatch.setattr(image_io, "_read_sitk", lambda path: reads.append(Path(path).name) or original(path))
+    out = plan_and_preprocess(name, plan_only=True, num_processes=1)
+    files = sorted(p.name for p in (ds / "imagesTr").iterdir()) + sorted(p.name for p in (ds / "labelsTr").iterdir())
+    assert sorted(reads) == sorted(files)  # each image and label file exactly once
+    assert json.loads((out / "fingerprint.json").read_text()) == json.loads(json.dumps(separate))

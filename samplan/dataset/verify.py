@@ -28,8 +28,19 @@ GEOMETRY_TOLERANCE = 1e-4
 _CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
 
 
-def verify_dataset(raw_dir: Path, num_processes: int | None = None) -> None:
-    """Check a raw dataset folder; raise DatasetProblems (exit code 2) listing every problem found."""
+# a per-case computation verification can run on the arrays it has read anyway:
+# (function(data, properties, seg, *args) -> result, {case: args}, bytes one case's analysis may need)
+CaseAnalysis = tuple[Callable[..., Any], dict[str, tuple], float]
+
+
+def verify_dataset(raw_dir: Path, num_processes: int | None = None,
+                   analysis: CaseAnalysis | None = None) -> dict[str, Any]:
+    """Check a raw dataset folder; raise DatasetProblems (exit code 2) listing every problem found.
+
+    With `analysis`, each case that has no problem is also passed to its function (float32 `(C, Z, Y, X)` images,
+    their properties, the `(1, Z, Y, X)` label map, then the case's args) while its arrays are in memory, so that
+    a caller such as the fingerprint reads every file once; returns `{case: result}` (empty without `analysis`).
+    """
     raw_dir = Path(raw_dir)
     try:
         dj = load_dataset_json(raw_dir)
@@ -54,18 +65,24 @@ def verify_dataset(raw_dir: Path, num_processes: int | None = None) -> None:
         found = "the 'dataset' listing holds" if "dataset" in dj else f"labelsTr holds {ending} label files for"
         problems.append(f"dataset.json: numTraining is {n_train} but {found} {len(cases)} case(s). Set numTraining to {len(cases)}.")
 
+    fn, args, analysis_bytes = analysis if analysis is not None else (None, {}, 0)
     items = [
-        (case, (case, [str(f) for f in imgs], str(label), n_channels if channels_ok[case] else None, allowed, str(raw_dir)))
+        (case, (case, [str(f) for f in imgs], str(label), n_channels if channels_ok[case] else None, allowed, str(raw_dir),
+                fn, args.get(case)))
         for case, (imgs, label) in sorted((cases or {}).items())
     ]
+    analysed: dict[str, Any] = {}
     if items:
-        nproc = default_num_processes(num_processes, _bytes_per_case(items), len(items))
+        nproc = default_num_processes(num_processes, max(_bytes_per_case(items) or 0, analysis_bytes) or None, len(items))
         results = map_cases(_check_case, items, nproc, desc="verifying dataset")
         for case, _ in items:
-            problems += results[case]
+            problems += results[case][0]
+            if results[case][1] is not None:
+                analysed[case] = results[case][1]
     if problems:
         raise DatasetProblems(str(raw_dir), problems)
     print(f"verified {raw_dir.name}: {len(items)} case(s), no problems found")
+    return analysed
 
 
 # ---------------------------------------------------------------- dataset.json schema
@@ -246,9 +263,12 @@ def _entry_ok(e: Any) -> bool:
 
 
 def _check_case(case: str, image_files: list[str], label_file: str, n_channels: int | None,
-                allowed: list[int] | None, raw_dir: str) -> list[str]:
-    """All problems of one case; each file is read once. Runs in a worker process."""
+                allowed: list[int] | None, raw_dir: str, analyse: Callable[..., Any] | None = None,
+                args: tuple | None = None) -> tuple[list[str], Any]:
+    """All problems of one case, and `analyse(data, properties, seg, *args)` when it has none (None otherwise);
+    each file is read once. Runs in a worker process."""
     problems: list[str] = []
+    kept: list[np.ndarray] = []  # the channels, only while an analysis needs them
 
     def add(file: str, msg: str) -> None:
         problems.append(f"case '{case}', {_rel(file, raw_dir)}: {msg}")
@@ -270,6 +290,8 @@ def _check_case(case: str, image_files: list[str], label_file: str, n_channels: 
             ref = (f, arr.shape[1:], props)
         else:
             _compare_grid(ref, (f, arr.shape[1:], props), raw_dir, add)
+        if analyse is not None and args is not None:
+            kept.append(arr)
         del arr
     if n_channels is not None and all_read and image_files and n_read != n_channels:
         add(image_files[0], f"the image file(s) of this case hold {n_read} channel(s) but channel_names declares {n_channels}. "
@@ -285,7 +307,9 @@ def _check_case(case: str, image_files: list[str], label_file: str, n_channels: 
             if unexpected:
                 add(label_file, f"label value(s) {unexpected} are not declared in dataset.json labels (declared: {allowed}). "
                                 "Declare them in labels or fix the label map.")
-    return problems
+    if problems or not kept or got is None or ref is None:
+        return problems, None
+    return problems, analyse(np.vstack(kept), ref[2], got[0], *args)
 
 
 def _read(file: str, reader: Callable, add: Callable[[str, str], None]) -> tuple[np.ndarray, dict] | None:

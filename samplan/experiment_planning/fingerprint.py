@@ -38,18 +38,10 @@ NNUNET_INTENSITY_SEED = 1234
 _PERCENTILES = (0.5, 50.0, 99.5)
 
 
-def extract_fingerprint(
-    raw_dir: str | Path,
-    num_processes: int | None = None,
-    *,
-    progress: bool = True,
-    total_intensity_samples: float = NNUNET_INTENSITY_SAMPLES,
-) -> dict[str, Any]:
-    """Fingerprint of a raw nnU-Net-format dataset as a JSON-ready dict (keys: SCHEMAS.md, fingerprint.json).
-
-    Reads every training case once, in worker processes bounded by cores and free memory.
-    `total_intensity_samples` is nnU-Net's 1e8; change it only to trade exactness for memory.
-    """
+def fingerprint_items(raw_dir: str | Path, total_intensity_samples: float | None = None
+                      ) -> tuple[list[tuple[str, tuple]], int]:
+    """The per-case work: `(case, (image files, label file, n_samples, slice_axis, keys))` items (the args of
+    `_analyze_case`, and of `analyze_arrays` after the arrays) and the bytes a worker may need; reads headers only."""
     raw_dir = Path(raw_dir)
     dataset_json = load_dataset_json(raw_dir)
     ending = dataset_json["file_ending"]
@@ -57,7 +49,7 @@ def extract_fingerprint(
     if not cases:
         raise DatasetError(f"{raw_dir / 'labelsTr'} holds no label files ending in '{ending}': nothing to fingerprint.")
     n_channels = num_channels(dataset_json)
-    n_samples = int(total_intensity_samples // len(cases))
+    n_samples = int((total_intensity_samples or NNUNET_INTENSITY_SAMPLES) // len(cases))
 
     # headers only (cheap): the slice axis must be known before the per-case pass, and the largest case
     # bounds the memory each worker needs
@@ -68,11 +60,40 @@ def extract_fingerprint(
     # per voxel: the file's pixels and the float32 copy per channel, the fill-holes mask, the label map, the
     # connected-component labels; plus the drawn indices (int64) and float32 samples per channel
     bytes_per_case = max_voxels * (12 * n_channels + 16) + 12 * n_channels * n_samples
-    nproc = default_num_processes(num_processes, bytes_per_case, len(cases))
-
     keys = label_keys(dataset_json)
     items = [(case, (files["images"], files["label"], n_samples, slice_axis, keys)) for case, files in cases.items()]
-    results = map_cases(_analyze_case, items, nproc, desc="Extracting dataset fingerprint", progress=progress)
+    return items, bytes_per_case
+
+
+def extract_fingerprint(
+    raw_dir: str | Path,
+    num_processes: int | None = None,
+    *,
+    progress: bool = True,
+    total_intensity_samples: float = NNUNET_INTENSITY_SAMPLES,
+    items: list[tuple[str, tuple]] | None = None,
+    analysed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fingerprint of a raw nnU-Net-format dataset as a JSON-ready dict (keys: SCHEMAS.md, fingerprint.json).
+
+    Reads every training case once, in worker processes bounded by cores and free memory, unless `analysed`
+    holds every case's `analyze_arrays` result already (verify_dataset computes them while it reads the files;
+    `items` are then the `fingerprint_items` it was given).
+    `total_intensity_samples` is nnU-Net's 1e8; change it only to trade exactness for memory.
+    """
+    raw_dir = Path(raw_dir)
+    dataset_json = load_dataset_json(raw_dir)
+    n_channels = num_channels(dataset_json)
+    if items is None:
+        items, bytes_per_case = fingerprint_items(raw_dir, total_intensity_samples)
+    else:
+        bytes_per_case = None
+    if analysed is not None and all(case in analysed for case, _ in items):
+        results = {case: analysed[case] for case, _ in items}
+    else:
+        nproc = default_num_processes(num_processes, bytes_per_case, len(items))
+        results = map_cases(_analyze_case, items, nproc, desc="Extracting dataset fingerprint", progress=progress)
+    slice_axis, keys = items[0][1][3], items[0][1][4]
 
     case_ids = list(results)
     for case in case_ids:
@@ -90,7 +111,7 @@ def extract_fingerprint(
         ),
         "median_relative_size_after_cropping": float(np.median([results[c]["relative_size"] for c in case_ids])),
         "case_identifiers": case_ids,
-        "file_ending": ending,
+        "file_ending": dataset_json["file_ending"],
         "num_channels": n_channels,
         "label_statistics": aggregate_label_stats(
             [results[c]["labels"] for c in case_ids], spacings, slice_axis, keys
@@ -109,6 +130,12 @@ def _analyze_case(
     """
     data, props = read_images(image_files)
     seg, _ = read_seg(label_file)
+    return analyze_arrays(data, props, seg, image_files, label_file, n_samples, slice_axis, keys)
+
+
+def analyze_arrays(data: np.ndarray, props: dict[str, Any], seg: np.ndarray, image_files: Sequence[Path],
+                   label_file: Path, n_samples: int, slice_axis: int, keys: LabelKeys) -> dict[str, Any]:
+    """The fingerprint's per-case result from a case's float32 images `(C, Z, Y, X)`, properties and label map."""
     if seg.shape[1:] != data.shape[1:]:
         raise DatasetError(f"{label_file}: label shape {seg.shape[1:]} differs from image shape {data.shape[1:]}.")
     labels = case_label_stats(seg[0], slice_axis, keys)

@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from samplan.dataset.dataset_json import load_dataset_json
+from samplan.dataset.dataset_json import check_dataset_paths, load_dataset_json
 from samplan.dataset.verify import verify_dataset
-from samplan.errors import SamplanError
+from samplan.errors import DatasetError, SamplanError
 from samplan.experiment_planning.budget import ComputeBudget
-from samplan.experiment_planning.fingerprint import extract_fingerprint
+from samplan.experiment_planning.fingerprint import analyze_arrays, extract_fingerprint, fingerprint_items
 from samplan.experiment_planning.planner import plan_base
 from samplan.locks import LOCK_NAME, exclusive_lock
 from samplan.methods import available_methods, get_method
@@ -65,18 +65,27 @@ def plan_and_preprocess(
     name = resolve_dataset_name(dataset)
     raw_dir = raw_root() / name
     dataset_json = load_dataset_json(raw_dir)
-    if verify:
-        verify_dataset(raw_dir, num_processes=num_processes)  # raises before anything is written
-
     out_dir = preprocessed_root() / name
+    fp_file = out_dir / FINGERPRINT_FILE
+    items = analysed = None
+    if verify:
+        # the fingerprint's per-case pass rides along with verification: every file is read once for both
+        if clean or not fp_file.is_file():
+            try:
+                check_dataset_paths(raw_dir, dataset_json)  # the headers are read only inside the dataset folder
+                items, analysis_bytes = fingerprint_items(raw_dir)
+            except DatasetError:
+                items = None  # an unreadable header: verification names it below
+        analysis = (analyze_arrays, dict(items), analysis_bytes) if items else None
+        analysed = verify_dataset(raw_dir, num_processes=num_processes, analysis=analysis)  # raises before any write
+
     # after verification (which writes nothing), before the first write: a second run stops here
     with exclusive_lock(out_dir / LOCK_NAME, f"planning/preprocessing {name}"):
-        fp_file = out_dir / FINGERPRINT_FILE
         if fp_file.is_file() and not clean:
             print(f"using the existing fingerprint {fp_file} (pass --clean to recompute)")
             fingerprint = load_json(fp_file)
         else:
-            fingerprint = extract_fingerprint(raw_dir, num_processes=num_processes)
+            fingerprint = extract_fingerprint(raw_dir, num_processes=num_processes, items=items, analysed=analysed)
             save_json(fingerprint, fp_file)
         splits = ["splits_final.json"] if (raw_dir / "splits_final.json").is_file() else []
         for f in ["dataset.json", *splits]:
@@ -89,5 +98,6 @@ def plan_and_preprocess(
         save_json(plans, out_dir / PLANS_FILE)
         print(f"wrote {fp_file} and {out_dir / PLANS_FILE}")
         if not plan_only:
-            preprocess_dataset(raw_dir, out_dir, plans, configurations=configurations, num_processes=num_processes)
+            preprocess_dataset(raw_dir, out_dir, plans, configurations=configurations, num_processes=num_processes,
+                               verified=verify)
     return out_dir

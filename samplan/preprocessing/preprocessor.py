@@ -114,16 +114,19 @@ def preprocess_case_files(
     plans: dict[str, Any],
     configuration: str,
     dataset_json: DatasetJson | None = None,
+    check: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Read a case's channel files (and label file) and preprocess it (see preprocess_case).
+
+    `check=False` skips the damage check of the files, for callers whose files were just verified.
 
     With a label file and `dataset_json`, `properties["class_locations"]` holds sampled voxel coordinates
     per foreground label/region (see samplan.preprocessing.foreground), for foreground oversampling.
     """
-    images, props = read_images(image_files)
+    images, props = read_images(image_files, check=check)
     seg = None
     if seg_file is not None:
-        seg, _ = read_seg(seg_file)
+        seg, _ = read_seg(seg_file, check=check)
         if seg.shape[1:] != images.shape[1:]:
             raise DatasetError(
                 f"{seg_file}: label shape {seg.shape[1:]} differs from image shape {images.shape[1:]} "

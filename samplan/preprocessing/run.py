@@ -46,8 +46,11 @@ def preprocess_dataset(
     plans: dict,
     configurations: Sequence[str] | None = None,
     num_processes: int | None = None,
+    verified: bool = False,
 ) -> None:
     """Preprocess all training cases of `raw_dir` into `out_dir/<data_identifier>/` for each configuration.
+
+    `verified`: the raw files were just checked by verify_dataset, so their damage check is not repeated.
 
     Complete cases (properties present, arrays intact, same preprocessing settings) are skipped and
     anything else is redone, so an interrupted run can simply be started again. Raw label files are also
@@ -64,7 +67,7 @@ def preprocess_dataset(
             raise DatasetError(f"case '{case}' has a label file but no images in {raw_dir / 'imagesTr'}.")
     copy_gt_segmentations(cases, out_dir / GT_FOLDER, dataset_json["file_ending"])
     for name in names:
-        _preprocess_configuration(cases, out_dir, plans, name, dataset_json, num_processes)
+        _preprocess_configuration(cases, out_dir, plans, name, dataset_json, num_processes, not verified)
 
 
 def _preprocess_configuration(
@@ -74,8 +77,9 @@ def _preprocess_configuration(
     configuration: str,
     dataset_json: DatasetJson,
     num_processes: int | None,
+    check: bool = True,
 ) -> None:
-    """Preprocess the cases of one configuration that are not complete yet."""
+    """Preprocess the cases of one configuration that are not complete yet (`check`: the files' damage check)."""
     plan = configuration_plan(plans, configuration)
     folder = out_dir / plan["data_identifier"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ def _preprocess_configuration(
     print(f"{configuration}: {len(todo)} of {len(cases)} cases to preprocess into {folder} with {n} process(es)")
     items = [
         (c, (c, [str(f) for f in cases[c]["images"]], str(cases[c]["label"]), plans, configuration, dataset_json,
-             str(folder), key))
+             str(folder), key, check))
         for c in todo
     ]
     map_cases(_preprocess_and_write, items, n, desc=f"preprocessing {configuration}")
@@ -107,10 +111,11 @@ def _preprocess_and_write(
     dataset_json: DatasetJson,
     folder: str,
     key: str,
+    check: bool = True,
 ) -> list[int]:
     """Worker: preprocess one case and write it to the cache; returns the preprocessed shape (C, Z, Y, X)."""
     remove_partial_files(folder, case)
-    data, seg, props = preprocess_case_files(image_files, seg_file, plans, configuration, dataset_json)
+    data, seg, props = preprocess_case_files(image_files, seg_file, plans, configuration, dataset_json, check=check)
     props["preprocessing_key"] = key
     write_case(folder, case, data, seg, props, patch_size=configuration_plan(plans, configuration).get("patch_size"))
     return list(data.shape)
