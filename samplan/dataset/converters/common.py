@@ -1,4 +1,5 @@
-"""What the converters share: where the output goes, writing a folder atomically, verifying a converted dataset."""
+"""What the converters share: where the output goes, writing a folder atomically, verifying a converted dataset, and
+reading, comparing, resampling and relabelling the volumes of a case."""
 from __future__ import annotations
 
 import os
@@ -10,9 +11,14 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from samplan.dataset.verify import verify_dataset
+import numpy as np
+import SimpleITK as sitk
+
+from samplan.dataset.dataset_json import N_FOLDS, pattern_groups
+from samplan.dataset.integrity import file_problems, too_large
+from samplan.dataset.verify import GEOMETRY_TOLERANCE, verify_dataset
 from samplan.disk_space import disk_full_guard
-from samplan.errors import DatasetProblems, InputError
+from samplan.errors import DatasetError, DatasetProblems, InputError
 from samplan.locks import exclusive_lock
 from samplan.parallel import default_num_processes, map_cases
 from samplan.paths import preprocessed_root, raw_root, results_root
@@ -162,3 +168,98 @@ def run_per_case(fn: Callable[..., R], items: list[tuple[str, tuple]], num_proce
     """`fn(*args)` for every `(case, args)` item in worker processes bounded by cores and free memory."""
     n = default_num_processes(num_processes, bytes_per_case, len(items))
     return map_cases(fn, items, n, desc=desc)
+
+
+def output_folder(output: str | None, dataset_id: int | None, default_id: int, name: str) -> Path:
+    """The folder a converter writes: `-o` (a DatasetXXX_Name in SAMPLAN_RAW, or a path) when given, else
+    `$SAMPLAN_RAW/DatasetXXX_{name}` with `dataset_id` (default `default_id`); InputError for both or a taken id."""
+    if output is not None:
+        if dataset_id is not None:
+            raise InputError(f"give either -d {dataset_id} or -o {output}, not both (-o names the whole output folder).")
+        return resolve_output(output)
+    full = dataset_folder_name(default_id if dataset_id is None else dataset_id, name)
+    check_dataset_id_free(full)
+    return raw_root() / full
+
+
+def useful_case_groups(pattern: str, case_ids: Sequence[str]) -> str | None:
+    """`pattern` for dataset.json's case_groups when it joins some cases (two studies of one patient) and still leaves
+    the groups cross-validation needs; None when every case is its own group or too few groups remain."""
+    n_groups = len(set(pattern_groups(pattern, case_ids).values()))
+    return pattern if N_FOLDS <= n_groups < len(case_ids) else None
+
+
+# ------------------------------------------------------------------ volumes of a case (SimpleITK)
+
+
+def read_volume(path: Path) -> sitk.Image:
+    """A 3D one-channel image read with SimpleITK after samplan's damage and size checks; DatasetError naming the file."""
+    if problems := file_problems(path):
+        raise DatasetError(" Also: ".join(problems))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        one = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+        # refuse an absurd header before ITK allocates it
+        if msg := too_large(int(np.prod(reader.GetSize(), dtype=np.int64)) * sitk.GetArrayViewFromImage(one).nbytes,
+                            "its header"):
+            raise DatasetError(f"{path}: {msg}")
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]}). Copy it again "
+                           "from the source.") from e
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DatasetError(f"{path}: a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} value(s) "
+                           "per voxel; a 3D volume with one value per voxel was expected. Check that it is the right file.")
+    return image
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+def grid_difference(image: sitk.Image, reference: sitk.Image) -> str | None:
+    """What differs between the voxel grids of two images ("size 64x64x12 vs 32x32x8; spacing ..."), or None when they
+    agree within the tolerance samplan's dataset verification applies."""
+    if image.GetSize() != reference.GetSize():
+        return f"size {'x'.join(map(str, image.GetSize()))} vs {'x'.join(map(str, reference.GetSize()))}"
+    diffs = [f"{name} {_fmt(get(image))} vs {_fmt(get(reference))}"
+             for name, get in (("spacing", sitk.Image.GetSpacing), ("origin", sitk.Image.GetOrigin),
+                               ("direction", sitk.Image.GetDirection))
+             if not np.allclose(get(image), get(reference), atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE)]
+    return "; ".join(diffs) or None
+
+
+def onto_grid(image: sitk.Image, reference: sitk.Image, interpolator: int, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+    """`image` resampled onto the voxel grid of `reference` through physical space (no registration, identity transform),
+    as `pixel_type`; voxels of `reference` outside `image` become 0."""
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel_type)
+
+
+def relabel(image: sitk.Image, mapping: dict[int, int], path: Path, expected: str) -> sitk.Image:
+    """uint8 label image (same geometry) with each value v replaced by mapping[v]; DatasetError naming `path` when it
+    holds a value outside `mapping` or a non-integer one (`expected` says which values its layout uses)."""
+    arr = sitk.GetArrayViewFromImage(image)
+    values = np.unique(arr)
+    bad = [v.item() for v in values if v != np.round(v) or int(v) not in mapping]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise DatasetError(f"{path}: label value(s) {shown} found; {expected}. Check that it is the right file of the "
+                           "published layout, or fix it.")
+    out = np.zeros(arr.shape, np.uint8)
+    for old, new in mapping.items():
+        if new:
+            out[arr == old] = new
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(image)
+    return result
+
+
+def write_volume(image: sitk.Image, dst: Path, source: Path | None = None) -> None:
+    """Write `image` as a compressed file; a `source` that is already .nii.gz is copied byte for byte instead (its header
+    stays exactly as published)."""
+    if source is not None and source.name.lower().endswith(".nii.gz"):
+        shutil.copyfile(source, dst)
+    else:
+        sitk.WriteImage(image, str(dst), useCompression=True)
