@@ -36,6 +36,9 @@ setup(
         "test": ["pytest>=7", "medpy>=0.5", "scikit-learn>=1.2", "monai>=1.3"],
         # install after torch with SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2 (see the Makefile)
         "sam2": ["sam2>=1.0"],
+        # optional experiment trackers of samplan_train --logger (never needed to train; not part of "test")
+        "tensorboard": ["tensorboard>=2.10"],
+        "mlflow": ["mlflow>=2.0"],
     },
     entry_points={
         "console_scripts": [
@@ -50,6 +53,9 @@ setup(
             "samplan_convert_msd=samplan.cli.convert_msd:main",
             "samplan_convert_2d=samplan.cli.convert_2d:main",
             "samplan_convert_dicom=samplan.cli.convert_dicom:main",
+            "samplan_convert_prostate158=samplan.cli.convert_prostate158:main",
+            "samplan_convert_picai=samplan.cli.convert_picai:main",
+            "samplan_convert_covid19ct=samplan.cli.convert_covid19ct:main",
             "samplan_export_model=samplan.cli.export_model:main",
             "samplan_install_model=samplan.cli.install_model:main",
         ]

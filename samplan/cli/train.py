@@ -18,9 +18,11 @@ EPILOG = """examples:
   samplan_train -d 4 -m samunetr -f 0 --checkpoint sam_vit_b_01ec64.pth
   samplan_train -d 4 -m medsam -f 0 --unfreeze mask_decoder image_encoder.neck  # train only these parameters
   samplan_train -d 510 -m promise -f 0 --mode apm              # ProMISe without IPS
+  samplan_train -d 4 -m unet -f 0 --logger tensorboard     # also log each epoch to fold_0/tensorboard/
 
 Outputs: SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>/fold_<F>/ with checkpoint_latest/best/final.pth,
-training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json).
+training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json);
+with --logger tensorboard also tensorboard/, with --logger mlflow an MLflow run (its id in tracker.json).
 The log shows the running "pseudo Dice" of random validation patches each epoch and, at the end, the real
 mean Dice of the whole validation cases.
 """
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "{case}.npz probabilities in the original geometry (ensembling in samplan_find_best needs them)")
     p.add_argument("--no-val", dest="final_validation", action="store_false", help="skip the final validation after "
                    "training (samplan_train --val runs it later)")
+    p.add_argument("--logger", default=None, choices=("none", "tensorboard", "mlflow"), help="also log every epoch's "
+                   "losses, pseudo Dice, lr and time to TensorBoard (fold_k/tensorboard/) or MLflow (MLFLOW_TRACKING_URI, "
+                   "else fold_k/mlruns); --c continues the same run (default: $SAMPLAN_LOGGER, else none)")
     p.add_argument("-np", "--num-workers", type=int, default=None, metavar="N", help="background data loader processes (0: load in the main process; default: from the device)")
     return p
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             continue_training=args.continue_training, only_validate=args.only_validate,
             pretrained_weights=args.pretrained_weights, seed=args.seed, num_workers=args.num_workers, precision=args.precision,
             method_overrides=overrides or None, final_validation=args.final_validation,
-            save_probabilities=args.save_probabilities,
+            save_probabilities=args.save_probabilities, tracker=args.logger,
         )
 
     return run_cli(job)

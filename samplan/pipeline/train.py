@@ -18,6 +18,7 @@ from samplan.locks import LOCK_NAME, exclusive_lock
 from samplan.models.checkpoint import load_checkpoint
 from samplan.paths import raw_root
 from samplan.training.logger import TrainingLogger
+from samplan.training.trackers import check_tracker
 from samplan.training.trainer import FoldSetup, prepare_fold, train, write_untrained_fold
 
 
@@ -41,6 +42,7 @@ def train_fold(
     method_overrides: dict[str, Any] | None = None,
     save_probabilities: bool = False,
     validation_tta: bool = True,
+    tracker: str | None = None,
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
@@ -48,9 +50,11 @@ def train_fold(
     training. `precision`: auto|fp32|bf16|fp16 autocast (samplan.devices). `method_overrides`: keys merged into the
     method's plan section (samplan.training.trainer.prepare_fold). `save_probabilities`: the final validation also
     writes {case}.npz probabilities in the original geometry (for ensembles); `validation_tta=False` validates without
-    mirroring (faster, e.g. for benchmarks). A method without training gets its model folder
+    mirroring (faster, e.g. for benchmarks). `tracker`: also log the epochs to tensorboard|mlflow|none
+    (samplan.training.trackers). A method without training gets its model folder
     (samplan.training.trainer.write_untrained_fold). The other arguments: samplan.training.trainer.train.
     """
+    tracker = None if only_validate else check_tracker(tracker)  # a missing package fails before anything is written
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
     if only_validate:  # before the lock, which would create the fold folder of a fold never trained
         load_checkpoint(s.fold_dir / "checkpoint_final.pth")
@@ -65,7 +69,7 @@ def train_fold(
         else:
             logger = train(s, dev, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                            continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
-                           num_workers=num_workers, precision=precision)
+                           num_workers=num_workers, precision=precision, tracker=tracker)
         if final_validation or only_validate:
             run_final_validation(s, dev, logger, precision, save_probabilities, tta=validation_tta)
         return s.fold_dir

@@ -32,6 +32,7 @@ from samplan.models.checkpoint import load_checkpoint, save_checkpoint
 from samplan.paths import model_dir, preprocessed_root, resolve_dataset_name
 from samplan.training.checkpoint import load_pretrained_weights
 from samplan.training.logger import TrainingLogger
+from samplan.training.trackers import Tracker, class_names, epoch_metrics, fold_params, fold_run_name, make_tracker
 from samplan.utils import load_json, remove_stale_temporaries, save_json
 
 DEFAULT_SEED = 12345
@@ -256,16 +257,18 @@ def _start(s: FoldSetup, recipe: TrainingRecipe, logger: TrainingLogger, state: 
 def train(s: FoldSetup, dev: torch.device, *, epochs: int | None = None, iters_per_epoch: int | None = None,
           val_iters: int | None = None, continue_training: bool = False,
           pretrained_weights: str | Path | None = None, seed: int | None = None, num_workers: int | None = None,
-          precision: str = "auto") -> TrainingLogger:
+          precision: str = "auto", tracker: str | None = None) -> TrainingLogger:
     """Train (or continue) one fold of a TrainableMethod up to checkpoint_final; returns the run's log.
 
     `epochs`/`iters_per_epoch`/`val_iters` override the recipe (a continued run keeps the values it was started
     with unless they are given again). `seed` defaults to 12345, or to the checkpoint's seed when continuing.
     `num_workers`: background loader processes (0: load in this process; default from the device).
+    `tracker`: also log each epoch to tensorboard|mlflow|none (default: $SAMPLAN_LOGGER, else none; trackers.py).
     """
     if continue_training and pretrained_weights is not None:
         raise SamplanError("--pretrained-weights starts a new training; it cannot be combined with --c.")
     workers = default_num_workers(dev) if num_workers is None else max(int(num_workers), 0)
+    tracking = make_tracker(tracker, s.fold_dir)  # a missing package fails here, before anything is written
     logger, state = _open_log(s, continue_training)
     copy_model_files(s, continuing=state is not None)
     seed = int(seed if seed is not None else state["seed"] if state else DEFAULT_SEED)
@@ -279,7 +282,10 @@ def train(s: FoldSetup, dev: torch.device, *, epochs: int | None = None, iters_p
                  f"(+{recipe.val_iterations_per_epoch} validation), device {dev} ({precision_name}), {workers} loader "
                  f"worker(s), seed {seed}, {n_params / 1e6:.2f} M parameters")
     if run.start_epoch < recipe.num_epochs:
-        _run_epochs(s, run, dev, workers)
+        line = tracking.start(fold_run_name(s), fold_params(s, run), run.start_epoch if state else None)
+        if line:
+            logger.print(line)
+        _run_epochs(s, run, dev, workers, tracking)
     save_checkpoint(run.checkpoint(s, max(run.start_epoch, recipe.num_epochs)), s.fold_dir / "checkpoint_final.pth")
     logger.write_progress()
     logger.print(f"training done: {s.fold_dir / 'checkpoint_final.pth'}")
@@ -338,9 +344,10 @@ def _loader(s: FoldSetup, case_ids: list[str], recipe: TrainingRecipe, train: bo
     return make_loader(s.cache_dir, case_ids, recipe, s.label_manager, train=train, seed=seed, num_workers=workers)
 
 
-def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int) -> None:
-    """Epochs start_epoch..num_epochs-1: train, validate on patches, log, checkpoint latest (and best)."""
+def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int, tracker: Tracker) -> None:
+    """Epochs start_epoch..num_epochs-1: train, validate on patches, log (and track), checkpoint latest (and best)."""
     recipe, logger = run.recipe, run.logger
+    names = class_names(s.dataset_json, s.label_manager.foreground_keys)
     train_loader = _loader(s, s.train_ids, recipe, True, derived_seed(run.seed, "train"), workers)
     val_loader = _loader(s, s.val_ids, recipe, False, derived_seed(run.seed, "val"), workers // 2)
     try:
@@ -354,6 +361,7 @@ def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int) -> None
             ema = logger.log_epoch(epoch, train_loss=train_loss, val_loss=val_loss, dice_per_class=dice, lr=lr,
                                    epoch_time=time.perf_counter() - t0)
             logger.print(logger.epoch_line(epoch, recipe.num_epochs))
+            tracker.log_epoch(epoch + 1, epoch_metrics(logger.curves, epoch, names))
             improved = ema == ema and (run.best_ema is None or ema > run.best_ema)  # ema == ema: not NaN
             run.best_ema = ema if improved else run.best_ema
             state = run.checkpoint(s, epoch + 1)
@@ -363,6 +371,7 @@ def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int) -> None
                 logger.print(f"new best EMA pseudo Dice {ema:.4f}: checkpoint_best.pth")
             logger.write_progress()
     finally:
+        tracker.close()
         for loader in (train_loader, val_loader):
             if callable(getattr(loader, "close", None)):
                 loader.close()
