@@ -56,10 +56,17 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
         img = reader.Execute()
     except RuntimeError as e:
         raise DatasetError(f"{path}: cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]}).") from e
+    return sitk_image_case(img, f"{path}: ", f"in a {path.suffix} file ")
+
+
+def sitk_image_case(img: sitk.Image, where: str = "", container: str = "") -> tuple[np.ndarray, Properties]:
+    """A SimpleITK image -> `(1, Z, Y, X)` array in its own pixel type and properties, as files are read: a 2D image is
+    `(1, 1, Y, X)` with nnU-Net's dummy spacing on the first axis; DatasetError (prefixed `where`) for vector pixels
+    or more than 3 dimensions. Used for files and for in-memory images alike (samplan.inference.in_memory)."""
     arr = sitk.GetArrayFromImage(img)
     spacing = list(img.GetSpacing())
     if img.GetNumberOfComponentsPerPixel() > 1:
-        raise DatasetError(f"{path}: vector/RGB pixels in a {path.suffix} file are not supported; store one channel per file.")
+        raise DatasetError(f"{where}vector/RGB pixels {container}are not supported; store one channel per file.")
     if arr.ndim == 2:
         arr = arr[None, None]
         nn_spacing = [max(spacing) * _DUMMY_2D_FACTOR, *spacing[::-1]]
@@ -67,7 +74,7 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Properties]:
         arr = arr[None]
         nn_spacing = spacing[::-1]
     else:
-        raise DatasetError(f"{path}: {arr.ndim}D images are not supported (expected 2D or 3D, one channel per file).")
+        raise DatasetError(f"{where}{arr.ndim}D images are not supported (expected 2D or 3D, one channel per file).")
     props = {
         "spacing": [abs(float(s)) for s in nn_spacing],
         "geometry": {
