@@ -8,7 +8,9 @@ Everything runs the real command-line tools in fresh processes on the generated 
 and on files derived from ../shared/data, in `--work` (deleted first). "Clear error" means: the expected exit
 status, one message naming the file (or folder) without a traceback, and nothing written for the bad input.
 The kill trials are in benchmarks/faults_kill.py, the full-disk trial in benchmarks/faults_disk.py; the memory
-rows come from benchmarks/export_memory.py and benchmarks/preprocess_memory.py (run with --only memory).
+rows come from benchmarks/export_memory.py, benchmarks/predict_memory.py (a whole samplan_predict of a BraTS-like
+case; with --ct-predict also of a 512x512x600 14-class CT, about an hour on 2 cores) and
+benchmarks/preprocess_memory.py (run with --only memory).
 """
 from __future__ import annotations
 
@@ -362,6 +364,16 @@ def memory(work: Path) -> list[dict]:
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows.append(_row(f"memory: export of the {cells[0]} case ({cells[3]} classes, grid {cells[4]})", 1, 1, "-",
                              f"peak RSS {cells[7]} GB, of which logits {cells[5]} GB"))
+    # whole samplan_predict runs: BraTS always; the 512x512x600 CT (about an hour on 2 cores) with --ct-predict
+    for kind, extra in (("brats", ["--brats"]), *((("ct", []),) if CT_PREDICT else ())):
+        proc = subprocess.run([PY, str(HERE / "predict_memory.py"), "--work", str(work / f"predict_{kind}"), "--reuse",
+                               *extra], capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith(f"| {kind} |")), None)
+        cells = [c.strip() for c in line.strip("|").split("|")] if line else []
+        ok = proc.returncode == 0 and bool(cells) and cells[-1] == "yes"
+        rows.append(_row(f"memory: whole samplan_predict of the {kind} case ({cells[1] if cells else '?'})", 1, int(ok),
+                         "-", f"peak RSS {cells[7]} GB, goal {cells[9]} GB, {cells[8]} s" if cells
+                         else (proc.stdout + proc.stderr)[-200:]))
     proc = subprocess.run([PY, str(HERE / "preprocess_memory.py"), "--workdir", str(work / "pm")],
                           capture_output=True, text=True)
     rows.append(_row("memory: preprocessing 2,000 cases, -np 2", 1, int(proc.returncode == 0), "-",
@@ -369,6 +381,7 @@ def memory(work: Path) -> list[dict]:
     return rows
 
 
+CT_PREDICT = False  # set by --ct-predict
 SECTIONS = {"killed": killed_runs, "damaged": damaged_files, "bad_input": bad_prediction_input,
             "concurrent": concurrent_runs, "disk": full_disk, "untrusted": untrusted, "memory": memory}
 
@@ -380,7 +393,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10, help="kill trials per stage (random moments)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
+    ap.add_argument("--ct-predict", action="store_true",
+                    help="memory: also a whole samplan_predict of a 512x512x600 14-class CT (about an hour on 2 cores)")
     args = ap.parse_args()
+    global CT_PREDICT
+    CT_PREDICT = args.ct_predict
     fk.STAGES_CACHE = fk.make_stages(args.work)
     if not (args.work / "ref" / "eval").is_dir():
         fk.reference_runs(args.work, fk.STAGES_CACHE)

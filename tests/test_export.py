@@ -374,3 +374,18 @@ def test_streamed_probabilities_equal_softmax_of_all_classes_at_once(tmp_path, l
     np.testing.assert_allclose(inside.astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=1e-6)
     # the label map is the same with and without probabilities (both are the running argmax of the logits)
     np.testing.assert_array_equal(seg, logits_to_label_map(logits, p, plans, "3d_fullres", lm))
+
+
+def test_float16_logits_on_the_plan_grid_give_the_labels_of_their_float32_values(tmp_path):
+    # no resampling: the float16 channels are compared as float16 (no float32 copy), with the same answers
+    rng = np.random.default_rng(9)
+    image, _ = _phantom((12, 32, 30), rng)
+    _write(image, tmp_path / "b_0000.nii.gz", (1.0, 1.0, 1.0), np.eye(3))
+    images, props = read_images([tmp_path / "b_0000.nii.gz"])
+    plans = _plans([1.0, 1.0, 1.0], [1.0, 1.0])
+    data, _, p = preprocess_case(images, None, props, plans, "3d_fullres")
+    lm = LabelManager.from_dataset_json({"labels": {"background": 0, **{f"o{k}": k for k in range(1, 6)}}})
+    half = (3 * torch.randn(6, *data.shape[1:], generator=torch.Generator().manual_seed(2))).half()
+    half[2, :2] = half[4, :2]  # exact ties: the first maximum wins in both
+    np.testing.assert_array_equal(logits_to_label_map(half, p, plans, "3d_fullres", lm),
+                                  logits_to_label_map(half.float(), p, plans, "3d_fullres", lm))

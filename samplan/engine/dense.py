@@ -89,6 +89,10 @@ def predict_dense(
     if batch_size is None:
         batch_size = int(plan.get("batch_size", 1))
     batch_size = max(1, min(batch_size, _MAX_BATCH_VOXELS // max(1, data.shape[0] * int(np.prod(window)))))
+    if out_dtype is None and not slices_2d and _large_case(network, data, window, padded.shape[1:]):
+        # a case too large for float32 logits: one window at a time halves the network's activations (~2 GB for
+        # two 128^3 windows of a U-Net), which would otherwise come on top of the logits and the band
+        batch_size, out_dtype = 1, torch.float16
 
     network = network.to(device).eval()
     gaussian_dev = gaussian.to(device)
@@ -116,6 +120,14 @@ def row_slabs(array: torch.Tensor | np.ndarray, max_voxels: int = 1 << 24) -> li
     per_row = max(1, int(np.prod(array.shape)) // max(int(array.shape[1]), 1))
     rows = max(1, max_voxels // per_row)
     return [slice(z, z + rows) for z in range(0, int(array.shape[1]), rows)]
+
+
+def _large_case(network: nn.Module, data: torch.Tensor, window: Sequence[int], padded: Sequence[int]) -> bool:
+    """True when the case's float32 logits would exceed FLOAT32_LOGITS_MAX_BYTES (the output count from one window)."""
+    probe = getattr(network, "num_classes", None) or getattr(getattr(network, "decoder", None), "num_classes", None)
+    if probe is None:
+        return False  # unknown until the first window: logits_dtype decides the output dtype then
+    return logits_dtype(int(probe), [int(p) for p in padded]) == torch.float16
 
 
 def logits_dtype(num_outputs: int, spatial_shape: Sequence[int]) -> torch.dtype:

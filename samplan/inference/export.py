@@ -82,11 +82,13 @@ def _running_label_map(channels: Iterable[np.ndarray], label_manager: LabelManag
         for value, channel in zip(label_manager.regions_class_order, channels):
             if seg is None:
                 seg = np.zeros(channel.shape, dtype=np.int16)
-            seg[torch.sigmoid(torch.as_tensor(channel)).numpy() > 0.5] = value
+            seg[torch.sigmoid(torch.as_tensor(channel).float()).numpy() > 0.5] = value
         return seg
     for k, channel in enumerate(channels):
         if best is None:
-            best = np.array(channel, dtype=np.float32)  # a copy: the channel may be a view of the caller's logits
+            # a copy (the channel may be a view of the caller's logits), in the logits' dtype: comparing float16
+            # values in float16 gives the same answers as in float32, without a float32 copy of the volume
+            best = np.array(channel)
             winner = np.zeros(channel.shape, dtype=np.uint8 if label_manager.num_outputs <= 256 else np.int16)
             continue
         better = channel > best
@@ -127,7 +129,7 @@ def _probability_classes(
     """float16 probabilities on the cropped grid, one class at a time (a second pass over the resampled logits)."""
     for channel in resampled_logits(logits, properties, plans, configuration):
         if normaliser is None:  # regions: sigmoid per channel
-            p = torch.sigmoid(torch.as_tensor(channel)).numpy()
+            p = torch.sigmoid(torch.as_tensor(channel).float()).numpy()
         else:
             maximum, total = normaliser
             p = np.exp(channel - maximum)

@@ -145,7 +145,8 @@ def resample_channels(
     order_z: int = 0,
     force_separate_z: bool | None = None,
 ) -> Iterator[np.ndarray]:
-    """Resample float `(K, Z, Y, X)` data (numpy or torch) one channel at a time: yields K float32 `new_shape` arrays.
+    """Resample float `(K, Z, Y, X)` data (numpy or torch) one channel at a time: yields K float32 `new_shape` arrays
+    (a float16 channel whose shape does not change stays float16).
 
     The values are exactly those of `resample_probabilities` (the same per-channel code), but only one
     output channel exists at a time: export's memory then grows with one class, not with K. A channel
@@ -158,7 +159,10 @@ def resample_channels(
     for c in range(probabilities.shape[0]):
         channel = probabilities[c]
         if hasattr(channel, "detach"):  # torch, converted channel by channel so that no float32 copy of all K exists
-            channel = channel.detach().float().cpu().numpy()
+            channel = channel.detach().cpu().numpy()
+        if channel.shape == new_shape and channel.dtype in (np.float16, np.float32):
+            yield channel  # float16 stays float16: converting it would add nothing but a float32 copy
+            continue
         channel = np.asarray(channel, dtype=np.float32)
         if channel.shape == new_shape:
             yield channel
