@@ -3,7 +3,9 @@ preprocess, writing nothing on bad input."""
 from __future__ import annotations
 
 import copy
+import importlib
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +64,8 @@ def plan_and_preprocess(
     clean: bool = False,
 ) -> Path:
     """Run the whole planning job for one dataset and return its preprocessed folder."""
+    # the planner's U-Net search needs torch (seconds to import): import it meanwhile, while workers verify
+    threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     name = resolve_dataset_name(dataset)
     raw_dir = raw_root() / name
     dataset_json = load_dataset_json(raw_dir)
