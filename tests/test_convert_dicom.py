@@ -1,6 +1,7 @@
 """samplan_convert_dicom: synthetic DICOM series written with SimpleITK come back as the source volume and geometry."""
 from __future__ import annotations
 
+import locale
 import random
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def make_volume(seed: int, shape=(7, 20, 16), spacing=(0.7, 0.8, 2.5), origin=(-
     vol.SetOrigin(origin)
     vol.SetDirection((direction if direction is not None else _rotation(0.5, 0.3)).flatten().tolist())
     return vol
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """GDCM's DICOM writer sets the C locale (so Python's default text encoding becomes ASCII for the rest of the
+    process); the tests write DICOM, samplan only reads it: put the locale back after each test."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def write_series(vol: sitk.Image, folder: Path, series: int, seed: int, skip: tuple[int, ...] = (),

@@ -81,7 +81,7 @@ def graph() -> dict[str, dict[str, set[str]]]:
     known = set(files)
     out = {}
     for name, path in files.items():
-        tree = ast.parse(path.read_text(), str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         every = set().union(*(_targets(n, known) for n in ast.walk(tree) if isinstance(n, ast.stmt)))
         top = set().union(*(_targets(n, known) for n in _module_level(tree.body)))
         out[name] = {"all": every, "top": top}
@@ -148,7 +148,7 @@ def test_method_plans_are_torch_free_and_import_no_torch_parts(graph):
     plan_modules = [m for m in graph if m.startswith("samplan.methods.") and m.endswith(".plan")]
     assert {m.split(".")[2] for m in plan_modules} >= {"unet", "samunetr", "medsam", "samzeroshot", "sam_common"}
     for m in plan_modules:
-        text = (ROOT.parent / (m.replace(".", "/") + ".py")).read_text()
+        text = (ROOT.parent / (m.replace(".", "/") + ".py")).read_text(encoding="utf-8")
         assert "import torch" not in text, m
         own = ".".join(m.split(".")[:3])
         torch_parts = [t for t in graph[m]["all"] if t.startswith(own + ".") and not t.endswith((".plan", ".section"))]

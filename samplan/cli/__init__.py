@@ -26,3 +26,14 @@ def make_parser(prog: str, description: str | None, epilog: str) -> argparse.Arg
     return argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def add_converter_options(p: argparse.ArgumentParser, id_help: str | None = None) -> None:
+    """The options every converter shares: -np, --overwrite, and with `id_help` the dataset's -d and -o."""
+    if id_help is not None:
+        p.add_argument("-d", "--dataset-id", type=int, default=None, metavar="ID", help=f"dataset id ({id_help})")
+        p.add_argument("-o", "--output", default=None, metavar="NAME_OR_DIR",
+                       help="DatasetXXX_Name (into SAMPLAN_RAW) or an output folder path, instead of -d")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: number of cores, bounded by RAM)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")

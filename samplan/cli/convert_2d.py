@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_2d -i Kvasir-SEG -o Dataset510_KvasirSEG                 # images/*.jpg + masks/*.jpg
@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-name", default=None, help="name of label 1 in dataset.json (default: polyp, lesion or foreground by layout)")
     p.add_argument("--case-groups", default=None, metavar="REGEX_OR_JSON",
                    help="cross-validation groups written into dataset.json: a pattern such as \"(seq\\d+)_\" or a JSON file {group: [case ids]}")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (once the new one is complete)")
+    add_converter_options(p)
     return p
 
 

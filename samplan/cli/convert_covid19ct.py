@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_covid19ct -i COVID-19-CT-Seg/                           # -> Dataset190_COVID19CTSegInfection
@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lungs", action="store_true", help="one label 'lung' instead of 'left lung' and 'right lung'")
     p.add_argument("--intensities", choices=("lung-window", "keep"), default="lung-window",
                    help="lung-window: map HU scans to the published [0, 255] lung window (default); keep: as published")
-    p.add_argument("-d", "--dataset-id", type=int, default=None, metavar="ID",
-                   help="dataset id (default: 190 infection, 191 lungs, 192 merged lungs, 193 lungs+infection, 194 merged)")
-    p.add_argument("-o", "--output", default=None, metavar="NAME_OR_DIR",
-                   help="DatasetXXX_Name (into SAMPLAN_RAW) or an output folder path, instead of -d")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores, bounded by RAM)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name (once the new one is complete)")
+    add_converter_options(p, "default: 190 infection, 191 lungs, 192 merged lungs, 193 lungs+infection, 194 merged")
     return p
 
 

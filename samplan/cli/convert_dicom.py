@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_dicom -i dicom/ -o imagesTs/            # then: samplan_predict -i imagesTs/ -o out/
@@ -23,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("samplan_convert_dicom", __doc__, EPILOG)
     p.add_argument("-i", "--input", required=True, metavar="DIR", help="folder with DICOM files, searched recursively")
     p.add_argument("-o", "--output", required=True, metavar="IMAGES_DIR", help="folder to write {case}_0000.nii.gz into")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (once the new one is complete)")
+    add_converter_options(p)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_msd -i Task04_Hippocampus              # -> $SAMPLAN_RAW/Dataset004_Hippocampus
@@ -24,9 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("samplan_convert_msd", __doc__, EPILOG)
     p.add_argument("-i", "--input", required=True, metavar="TASK_DIR", help="extracted MSD task folder TaskXX_Name")
     p.add_argument("-d", "--dataset-id", type=int, default=None, metavar="ID", help="dataset id (default: the task number XX)")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores, bounded by RAM)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name (once the new one is complete)")
     p.add_argument("--no-regions", action="store_true", help="BraTS: keep the disjoint labels instead of the WT/TC/ET regions")
+    add_converter_options(p)
     return p
 
 

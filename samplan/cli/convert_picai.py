@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_picai -i images/ -l picai_labels/                 # -> Dataset224_PICAI (human-expert labels)
@@ -29,11 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="human: human-expert delineations only (default); ai: AI-derived ones where no human one exists")
     p.add_argument("--interpolation", choices=("bspline", "linear"), default="bspline",
                    help="resampling of ADC/HBV onto T2W (default: bspline, as picai_prep)")
-    p.add_argument("-d", "--dataset-id", type=int, default=None, metavar="ID", help="dataset id (default: 224 human, 225 ai)")
-    p.add_argument("-o", "--output", default=None, metavar="NAME_OR_DIR",
-                   help="DatasetXXX_Name (into SAMPLAN_RAW) or an output folder path, instead of -d")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores, bounded by RAM)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name (once the new one is complete)")
+    add_converter_options(p, "default: 224 human, 225 ai")
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from samplan.cli import make_parser, run_cli
+from samplan.cli import add_converter_options, make_parser, run_cli
 
 EPILOG = """examples:
   samplan_convert_prostate158 -i prostate158_train                  # -> Dataset158_Prostate158Anatomy (T2; TZ, PZ)
@@ -30,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader", type=int, choices=(1, 2), default=1, help="annotating reader (2 exists for the test cases only)")
     p.add_argument("--tumor-label", choices=("adc", "t2"), default="adc",
                    help="tumor: the lesions drawn on ADC (default, as the paper's baseline) or on T2")
-    p.add_argument("-d", "--dataset-id", type=int, default=None, metavar="ID", help="dataset id (default: 158 anatomy, 159 tumor)")
-    p.add_argument("-o", "--output", default=None, metavar="NAME_OR_DIR",
-                   help="DatasetXXX_Name (into SAMPLAN_RAW) or an output folder path, instead of -d")
-    p.add_argument("-np", "--num-processes", type=int, default=None, help="worker processes (default: number of cores, bounded by RAM)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name (once the new one is complete)")
+    add_converter_options(p, "default: 158 anatomy, 159 tumor")
     return p
 
 

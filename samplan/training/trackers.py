@@ -16,13 +16,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from samplan.errors import SamplanError
 from samplan.utils import load_json, save_json
-
-if TYPE_CHECKING:
-    from samplan.training.trainer import FoldSetup, Run
 
 TRACKER_ENV = "SAMPLAN_LOGGER"
 TRACKER_NAMES = ("none", "tensorboard", "mlflow")
@@ -187,12 +184,13 @@ def epoch_metrics(curves: Mapping[str, list[Any]], epoch: int, names: list[str])
     return metrics
 
 
-def fold_run_name(s: "FoldSetup") -> str:
-    """`<dataset>/<method>/<configuration>/fold_<k>`."""
+# `s` and `run` are samplan.training.trainer's FoldSetup and Run (not imported: the trainer imports this module)
+def fold_run_name(s: Any) -> str:
+    """`<dataset>/<method>/<configuration>/fold_<k>` of a FoldSetup."""
     return f"{s.dataset_name}/{s.method.name}/{s.configuration}/fold_{s.fold}"
 
 
-def fold_params(s: "FoldSetup", run: "Run") -> dict[str, Any]:
+def fold_params(s: Any, run: Any) -> dict[str, Any]:
     """The main choices of the plan and the run, flat: patch and batch size, learning rate, lengths, backbone."""
     r, group = run.recipe, run.optimizer.param_groups[0]
     params = {"dataset": s.dataset_name, "method": s.method.name, "configuration": s.configuration, "fold": s.fold,
