@@ -24,6 +24,7 @@ from samplan.pipeline.train import train_fold
 from samplan.training.trainer import merge_overrides
 from samplan.utils import load_json
 from method_plans import bind
+from ddp_check import check_two_process_training
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_litemedsam", "checkpoint": "none", "unet": {"features": [4, 8, 8, 8, 8]},
@@ -336,6 +337,10 @@ def test_a_bad_frozen_part_is_refused_before_anything_is_built(prepared):
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------------
+
+def test_two_gloo_processes_train_autosam2(prepared):
+    check_two_process_training(prepared["labels"].name, "autosam2", None, TINY)
+
 
 def test_training_and_prediction_through_the_cli_in_the_input_geometry(prepared, tmp_path):
     import SimpleITK as sitk

@@ -22,6 +22,7 @@ from samplan.methods.sam_common.plan import ScaleRule
 from samplan.pipeline.train import train_fold
 from samplan.utils import load_json
 from method_plans import bind
+from ddp_check import check_two_process_training
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 TINY = {"backbone": "tiny_vit", "checkpoint": "none"}
@@ -319,6 +320,10 @@ def test_prompts_without_boxes_or_with_unknown_labels_are_refused(monkeypatch, p
     wrong.prompts[0] = GridPrompt(6, 3, np.zeros((0, 2)), np.zeros((0,), np.int64), np.array([1.0, 1, 9, 9]))
     with pytest.raises(SamplanError, match="prompt label 3 on slice 6 is not a medsam output; use a foreground label value 1..1"):
         predict_case(_OracleNet(), data, section, torch.device("cpu"), prompts=wrong)
+
+
+def test_two_gloo_processes_train_medsam(prepared):
+    check_two_process_training(prepared["png"].name, "medsam", "2d", {**TINY, "batch_size": 2}, fold="all")
 
 
 def test_validation_step_counts_per_label(plans3d):

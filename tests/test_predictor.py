@@ -261,6 +261,26 @@ def test_cli_selects_the_only_model_and_continue_skips_done_cases(synth, samplan
     assert set(again) == set(done) and all(again[n] == done[n] for n in done if n != first)
 
 
+def test_cli_parts_split_the_cases_and_together_equal_one_run(synth, samplan_env, tmp_path, capsys):
+    raw, plans, dj = synth
+    w, b = _threshold_weights(plans, dj, raw, "3d_fullres")
+    make_model(samplan_env["SAMPLAN_RESULTS"], plans, dj, "3d_fullres", {0: (w, b)})
+    common = ["-i", str(raw / "imagesTr"), "--disable-tta", "-np", "0", "--device", "cpu"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert predict_main([*common, "-o", str(whole)]) == 0
+    written = []
+    for i in range(2):
+        before = set(parts.iterdir()) if parts.exists() else set()
+        assert predict_main([*common, "-o", str(parts), "--part-id", str(i), "--num-parts", "2"]) == 0
+        written.append({p.name for p in set(parts.iterdir()) - before})
+    names = sorted(p.name for p in whole.iterdir())
+    assert written == [set(names[0::2]), set(names[1::2])]  # nnU-Net's split: sorted cases i, i+n, ...
+    for n in names:
+        assert np.array_equal(read_seg(whole / n)[0], read_seg(parts / n)[0])
+    assert predict_main([*common, "-o", str(tmp_path / "bad"), "--part-id", "2", "--num-parts", "2"]) == 1
+    assert "--part-id must be in 0..1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_cli_lists_candidates_when_several_models_fit(synth, samplan_env, tmp_path, capsys):
     raw, plans, dj = synth
     results = samplan_env["SAMPLAN_RESULTS"]

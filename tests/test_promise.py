@@ -23,6 +23,7 @@ from samplan.pipeline.train import train_fold
 from samplan.training.trainer import merge_overrides
 from samplan.utils import load_json
 from method_plans import bind
+from ddp_check import check_two_process_training
 from synthetic import make_dataset_2d_png, make_dataset_3d
 
 # tiny random SAM and a narrow APM: the same code paths as LiteMedSAM / ViT-B, in well under a second per step
@@ -213,6 +214,11 @@ def test_training_and_prediction_on_pngs_and_volumes_need_no_prompt(prepared, tm
         assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
         assert np.allclose(pred.GetOrigin(), ref.GetOrigin()) and np.allclose(pred.GetDirection(), ref.GetDirection())
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+def test_two_gloo_processes_train_promise(prepared):
+    # 2 slices per rank: the APM head's BatchNorm needs more than one (SyncBatchNorm, on CUDA only, would not)
+    check_two_process_training(prepared["png"].name, "promise", "2d", {**TINY, "batch_size": 4})
 
 
 def test_ips_oracle_validation_is_marked_as_an_oracle(prepared):

@@ -22,6 +22,7 @@ from samplan.paths import preprocessed_root
 from samplan.pipeline.train import train_fold
 from samplan.utils import load_json
 from method_plans import bind
+from ddp_check import check_two_process_training
 from synthetic import make_dataset_3d
 
 DATASET = "Dataset900_Synth"
@@ -175,6 +176,10 @@ def test_training_lowers_the_loss_and_predicts_in_the_input_geometry(env, prepar
     assert img.GetSize() == ref.GetSize() and np.allclose(img.GetSpacing(), ref.GetSpacing())
     assert np.allclose(img.GetOrigin(), ref.GetOrigin()) and np.allclose(img.GetDirection(), ref.GetDirection())
     assert set(np.unique(sitk.GetArrayFromImage(img))) <= {0, 1, 2}
+
+
+def test_two_gloo_processes_train_samunetr(env):
+    check_two_process_training(DATASET, "samunetr", None, {**TINY, "batch_size": 2})
 
 
 def test_real_hippocampus_subset_loss_goes_down(tmp_path, monkeypatch):

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the network runs (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA; on a CPU bf16 only where a quick probe measures it faster than fp32, else fp32)")
+    p.add_argument("--part-id", type=int, default=0, metavar="I", help="predict only part I (0-based) of the sorted "
+                   "cases, split in --num-parts parts as nnU-Net does: one process per GPU, same output folder "
+                   "(default: 0)")
+    p.add_argument("--num-parts", type=int, default=1, metavar="N", help="number of parts the cases are split into "
+                   "(default: 1, all cases)")
     p.add_argument("-np", "--num-processes", type=int, default=0,
                    help="preprocessing worker processes running ahead of the network (default: 0 = one background "
                         "thread, usually fastest; use N > 0 only when preprocessing is much slower than the network)")
@@ -130,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         from samplan.inference.model_selection import load_model_files, select_model
         from samplan.inference.predictor import Predictor
 
+        if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+            raise SamplanError(f"--part-id must be in 0..{max(args.num_parts, 1) - 1} and --num-parts at least 1, got "
+                               f"--part-id {args.part_id} --num-parts {args.num_parts}.")
+        if args.best and args.num_parts > 1:
+            raise SamplanError("--best predicts all cases in one process; --part-id/--num-parts work with -m/-c/-f.")
         check_folders(args.input, args.output)  # before a model is loaded or a first stage runs
         if args.best:
             from samplan.pipeline.best_prediction import predict_best
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         outputs = predictor.predict_folder(
             args.input, args.output, save_probabilities=args.save_probabilities,
-            overwrite=not args.continue_, num_processes=args.num_processes,
+            overwrite=not args.continue_, num_processes=args.num_processes, part=(args.part_id, args.num_parts),
         )
         print(f"wrote {len(outputs)} label map(s) to {args.output}")
 

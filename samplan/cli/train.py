@@ -19,6 +19,8 @@ EPILOG = """examples:
   samplan_train -d 4 -m medsam -f 0 --unfreeze mask_decoder image_encoder.neck  # train only these parameters
   samplan_train -d 510 -m promise -f 0 --mode apm              # ProMISe without IPS
   samplan_train -d 4 -m unet -f 0 --logger tensorboard     # also log each epoch to fold_0/tensorboard/
+  samplan_train -d 4 -m unet -f 0 --num-devices 4          # data-parallel on 4 GPUs (processes started for you)
+  torchrun --nproc-per-node 4 $(which samplan_train) -d 4 -m unet -f 0   # the same under torchrun
 
 Outputs: SAMPLAN_RESULTS/<dataset>/<method>__<plans>__<configuration>/fold_<F>/ with checkpoint_latest/best/final.pth,
 training_log.txt, progress.png/json and validation/ (predictions of the fold's validation cases + summary.json);
@@ -68,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logger", default=None, choices=("none", "tensorboard", "mlflow"), help="also log every epoch's "
                    "losses, pseudo Dice, lr and time to TensorBoard (fold_k/tensorboard/) or MLflow (MLFLOW_TRACKING_URI, "
                    "else fold_k/mlruns); --c continues the same run (default: $SAMPLAN_LOGGER, else none)")
+    p.add_argument("--num-devices", type=int, default=1, metavar="N", help="train data-parallel (torch.distributed "
+                   "DistributedDataParallel) in N processes, one per CUDA device (gloo CPU processes without CUDA); the "
+                   "plan's batch is the global batch, split across them; rank 0 writes the checkpoints; --c continues "
+                   "with any N. Under torchrun the processes it started are used instead (default: 1)")
     p.add_argument("-np", "--num-workers", type=int, default=None, metavar="N", help="background data loader processes (0: load in the main process; default: from the device)")
     return p
 
@@ -82,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is not None and args.method != "promise":
         print(f"error: --mode is a promise option; method {args.method!r} has no modes.", file=sys.stderr)
         return 2
+    if args.num_devices < 1:
+        print(f"error: --num-devices must be at least 1, got {args.num_devices}.", file=sys.stderr)
+        return 2
     if "checkpoint" in overrides and overrides["checkpoint"].lower() != "none":
         overrides["checkpoint"] = str(Path(overrides["checkpoint"]).expanduser().resolve())
 
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             continue_training=args.continue_training, only_validate=args.only_validate,
             pretrained_weights=args.pretrained_weights, seed=args.seed, num_workers=args.num_workers, precision=args.precision,
             method_overrides=overrides or None, final_validation=args.final_validation,
-            save_probabilities=args.save_probabilities, tracker=args.logger,
+            save_probabilities=args.save_probabilities, tracker=args.logger, num_devices=args.num_devices,
         )
 
     return run_cli(job)

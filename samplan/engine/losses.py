@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from samplan.engine.data_parallel import sum_over_ranks
+
 
 def _one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`(B, 1, ...)` class indices -> `(B, K, ...)` float32 one-hot (indices must be in [0, K))."""
@@ -54,8 +56,8 @@ class SoftDiceLoss(nn.Module):
             x = x * loss_mask
         intersect = (x * y_onehot).sum(axes, dtype=torch.float32)
         sum_pred = x.sum(axes, dtype=torch.float32)
-        if self.batch_dice:
-            intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
+        if self.batch_dice:  # over the global batch in a data-parallel training, as one process would
+            intersect, sum_pred, sum_gt = (sum_over_ranks(t.sum(0)) for t in (intersect, sum_pred, sum_gt))
         dice = (2 * intersect + self.smooth) / (sum_gt + sum_pred + self.smooth).clamp_min(1e-8)
         return -dice.mean()
 

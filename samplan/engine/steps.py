@@ -14,6 +14,7 @@ from torch import nn
 
 from samplan.dataset.labels import LabelManager
 from samplan.devices import autocast
+from samplan.engine.data_parallel import training_loss
 from samplan.engine.recipe import TrainingRecipe
 
 
@@ -31,7 +32,7 @@ def default_train_step(network: nn.Module, batch: dict[str, Any], recipe: Traini
     target = to_device(batch["target"], device)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, recipe.autocast_dtype):
-        loss = recipe.loss(network(data), target)
+        loss = training_loss(network, lambda net: recipe.loss(net(data), target))
     scaler = recipe.grad_scaler
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from samplan.dataset.dataset_json import group_images_by_case
 from samplan.dataset.image_io import NATURAL_ENDINGS
-from samplan.errors import DatasetError, InputError
+from samplan.errors import DatasetError, InputError, SamplanError
 from samplan.inference.export import case_stem
 
 # PIL modes of one channel; every other mode is read as RGB (see samplan.dataset.image_io)
@@ -129,3 +129,9 @@ def _header(path: Path) -> tuple[int, tuple[int, ...]]:
         raise DatasetError(f"{path} cannot be read ({reason}): {damaged}.") from e
     return int(reader.GetNumberOfComponents()), tuple(int(s) for s in reader.GetSize())
 
+
+def select_part(cases: dict[str, list[Path]], part_id: int = 0, num_parts: int = 1) -> dict[str, list[Path]]:
+    """The sorted cases part_id, part_id + num_parts, ... (nnU-Net's --part_id/--num_parts split)."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SamplanError(f"part {part_id} of {num_parts} does not exist; use --part-id 0..{max(num_parts, 1) - 1}.")
+    return cases if num_parts == 1 else {c: cases[c] for c in sorted(cases)[part_id::num_parts]}

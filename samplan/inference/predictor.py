@@ -27,8 +27,8 @@ from samplan.errors import DatasetError, InputError, SamplanError
 from samplan.devices import autocast, autocast_dtype, resolve_device
 from samplan.engine.dense import row_slabs
 from samplan.inference.export import export_prediction, logits_to_label_map
-from samplan.inference.input_checks import (CaseProblems, case_problems, check_folders, list_input_cases, shown_names,
-                                            trained_on_2d)
+from samplan.inference.input_checks import (CaseProblems, case_problems, check_folders, list_input_cases, select_part,
+                                            shown_names, trained_on_2d)
 from samplan.inference.model_selection import available_folds, load_model_files
 from samplan.methods import get_method
 from samplan.methods.base import Method, MethodPlan, PredictionContext
@@ -369,16 +369,17 @@ class Predictor:
         save_probabilities: bool = False,
         overwrite: bool = True,
         num_processes: int = 0,
+        part: tuple[int, int] = (0, 1),
     ) -> list[Path]:
         """Segment every `{case}_{XXXX}{file_ending}` case of `input_dir` into `output_dir` (see predict_cases); files
-        with another ending are ignored, with a note on stderr naming them."""
+        with another ending are ignored, with a note on stderr naming them. `part=(i, n)`: sorted cases i, i+n, ... only."""
         ending = self.dataset_json["file_ending"]
         check_folders(input_dir, output_dir)
         cases, ignored = list_input_cases(input_dir, ending)
         if ignored:
             print(f"note: ignoring {len(ignored)} file(s) of {input_dir} not ending in {ending} (the model's file "
                   f"ending): {shown_names(ignored)}", file=sys.stderr)
-        return self.predict_cases(cases, output_dir, save_probabilities, overwrite, num_processes)
+        return self.predict_cases(select_part(cases, *part), output_dir, save_probabilities, overwrite, num_processes)
 
 
 def _preprocessing_executor(workers: int) -> Executor:

@@ -2,6 +2,7 @@
 fold's validation cases from the raw images, in the original geometry (nnU-Net's final validation)."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from samplan.models.checkpoint import load_checkpoint
 from samplan.paths import raw_root
 from samplan.training.logger import TrainingLogger
 from samplan.training.trackers import check_tracker
-from samplan.training.trainer import FoldSetup, prepare_fold, train, write_untrained_fold
+from samplan.training.distributed import (DistributedContext, destroy_process_group, from_environment,
+                                          init_process_group, launch, rank_device)
+from samplan.training.trainer import FoldSetup, check_world_size, prepare_fold, train, write_untrained_fold
 
 
 def train_fold(
@@ -43,6 +46,7 @@ def train_fold(
     save_probabilities: bool = False,
     validation_tta: bool = True,
     tracker: str | None = None,
+    num_devices: int = 1,
 ) -> Path:
     """Train one fold of `method_name` on a preprocessed dataset, then validate it; returns the fold folder.
 
@@ -52,27 +56,70 @@ def train_fold(
     writes {case}.npz probabilities in the original geometry (for ensembles); `validation_tta=False` validates without
     mirroring (faster, e.g. for benchmarks). `tracker`: also log the epochs to tensorboard|mlflow|none
     (samplan.training.trackers). A method without training gets its model folder
-    (samplan.training.trainer.write_untrained_fold). The other arguments: samplan.training.trainer.train.
+    (samplan.training.trainer.write_untrained_fold). `num_devices` > 1 trains data-parallel in that many spawned
+    processes (one per CUDA device, or CPU processes with gloo); under torchrun the processes torchrun started train
+    together, whatever `num_devices` says. The final validation runs in one process. The other arguments:
+    samplan.training.trainer.train.
     """
     tracker = None if only_validate else check_tracker(tracker)  # a missing package fails before anything is written
     s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
     if only_validate:  # before the lock, which would create the fold folder of a fold never trained
         load_checkpoint(s.fold_dir / "checkpoint_final.pth")
+    torchrun = from_environment()
+    parallel = s.method.needs_training and not only_validate and (torchrun is not None or num_devices > 1)
+    train_args = dict(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                      continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
+                      num_workers=num_workers, precision=precision, tracker=tracker)
+    if parallel:
+        check_world_size(s.method.training_recipe(s.mp, s.label_manager),
+                         torchrun.world_size if torchrun else num_devices)
+    if torchrun is not None and not torchrun.is_main:  # rank 0 holds the fold's lock and validates
+        if parallel:
+            train_rank(torchrun.rank, torchrun.world_size, dataset, method_name, configuration, fold,
+                       method_overrides, device, train_args, torchrun.local_rank)
+        return s.fold_dir
     # prepare_fold writes nothing; one training (or validation) of a fold at a time from here on
     with exclusive_lock(s.fold_dir / LOCK_NAME, f"training {s.model_dir.name} fold {s.fold} of {s.dataset_name}"):
         dev = resolve_device(device)
         if not s.method.needs_training:
             return write_untrained_fold(s, seed)
-        if only_validate:
-            logger = TrainingLogger(s.fold_dir)
+        if only_validate or parallel:
+            if parallel and torchrun is not None:
+                train_rank(0, torchrun.world_size, dataset, method_name, configuration, fold, method_overrides, device,
+                           train_args, torchrun.local_rank)
+            elif parallel:
+                launch(num_devices, train_rank, (dataset, method_name, configuration, fold, method_overrides, device,
+                                                 train_args))
+            logger = TrainingLogger(s.fold_dir, echo=False)
             logger.load_state_dict(load_checkpoint(s.fold_dir / "checkpoint_final.pth")["logging"])
+            logger.echo = True
         else:
-            logger = train(s, dev, epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                           continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
-                           num_workers=num_workers, precision=precision, tracker=tracker)
+            logger = train(s, dev, **train_args)
         if final_validation or only_validate:
             run_final_validation(s, dev, logger, precision, save_probabilities, tta=validation_tta)
         return s.fold_dir
+
+
+def train_rank(rank: int, world_size: int, dataset: str | int, method_name: str, configuration: str | None,
+               fold: int | str, method_overrides: dict[str, Any] | None, device: str, train_args: dict[str, Any],
+               local_rank: int | None = None) -> None:
+    """One process of a data-parallel training: join the group, train on this rank's share, leave the group.
+
+    Spawned by `launch` (module level, so that it pickles) or called by each torchrun process. A SamplanError is
+    printed by the rank that met it, which then exits with status 1 (launch stops the others).
+    """
+    ctx = DistributedContext(rank, world_size, rank if local_rank is None else local_rank)
+    try:
+        s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
+        dev = rank_device(device, ctx)
+        init_process_group(ctx, dev)
+        try:
+            train(s, dev, dist=ctx, **train_args)
+        finally:
+            destroy_process_group()
+    except SamplanError as e:
+        print(f"error (training rank {rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def validation_images(s: FoldSetup) -> dict[str, list[Path]]:

@@ -1,8 +1,10 @@
 """Training and validation batches from the preprocessed cache: patch sampling, augmentation, background workers.
 
-Batch i of epoch e is a pure function of (seed, e, i, train/val): its cases, patch locations and every
-random draw of the augmentation come from generators seeded with those numbers, so the batches are
-identical whatever the number of worker processes, and resuming at epoch e repeats them exactly.
+Batch i of epoch e is a pure function of (seed, e, i, train/val): its cases come from a generator seeded with
+those numbers, and sample j's patch location and every random draw of its augmentation from one seeded with
+(seed, e, i, train/val, j), so the batches are identical whatever the number of worker processes, resuming at
+epoch e repeats them exactly, and the ranks of a data-parallel run build disjoint parts of the very batch one
+process would build (`rank`/`world_size`).
 
 Memory stays bounded: cases are opened lazily (blosc2 handles decompress only the patch), and each
 process keeps at most `HANDLE_CACHE_SIZE` open cases with their foreground locations.
@@ -20,6 +22,7 @@ import torch
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
 from samplan.preprocessing.cache import case_paths, open_case
+from samplan.engine.data_parallel import shard
 from samplan.engine.augmentation import (augmentation_params, build_train_transforms, build_val_transforms,
                                            initial_patch_size)
 from samplan.engine.recipe import TrainingRecipe
@@ -44,10 +47,12 @@ class LoaderSpec:
     seed: int
     deep_supervision_scales: tuple[tuple[float, ...], ...] | None
     augmentation: tuple[tuple[str, Any], ...]  # build_train_transforms keyword arguments
+    rank: int = 0                        # this process builds samples shard(batch_size, rank, world_size) of a batch
+    world_size: int = 1
 
 
 def loader_spec(cache_dir: Path, case_ids: Sequence[str], recipe: TrainingRecipe, label_manager: LabelManager,
-                *, train: bool, seed: int) -> LoaderSpec:
+                *, train: bool, seed: int, rank: int = 0, world_size: int = 1) -> LoaderSpec:
     """The batch description for a recipe; training fills missing augmentation settings with nnU-Net's defaults."""
     patch = tuple(int(p) for p in recipe.patch_size)
     aug: dict[str, Any] = {}
@@ -64,7 +69,7 @@ def loader_spec(cache_dir: Path, case_ids: Sequence[str], recipe: TrainingRecipe
         cache_dir=str(cache_dir), case_ids=tuple(case_ids), batch_size=int(recipe.batch_size), patch_size=patch,
         sample_size=sample, oversample_foreground=float(recipe.oversample_foreground), label_manager=label_manager,
         train=train, seed=int(seed), deep_supervision_scales=None if ds is None else tuple(tuple(map(float, s)) for s in ds),
-        augmentation=tuple(aug.items()))
+        augmentation=tuple(aug.items()), rank=int(rank), world_size=int(world_size))
 
 
 class _CaseCache:
@@ -138,20 +143,22 @@ class BatchBuilder:
         if self._cases is None:
             self._setup()
         s = self.spec
-        seeds = np.random.SeedSequence([s.seed, int(epoch), int(index), int(s.train)]).generate_state(3)
-        rng = np.random.default_rng(seeds[0])
-        picks = rng.integers(len(s.case_ids), size=s.batch_size)
+        batch_seed = [s.seed, int(epoch), int(index), int(s.train)]
+        picks = np.random.default_rng(np.random.SeedSequence(batch_seed).generate_state(1)[0]).integers(
+            len(s.case_ids), size=s.batch_size)
         n_random = round(s.batch_size * (1 - s.oversample_foreground))  # nnU-Net: the last samples are foreground
+        mine = shard(s.batch_size, s.rank, s.world_size)
         np_state, torch_state, threads = np.random.get_state(), torch.get_rng_state(), torch.get_num_threads()
         # batchgeneratorsv2 draws from the global generators; one thread keeps float results identical everywhere
-        np.random.seed(int(seeds[1]))
-        torch.manual_seed(int(seeds[2]))
         torch.set_num_threads(1)
         try:
             images, targets = [], []
             with torch.no_grad():
-                for j, c in enumerate(picks):
-                    img, lab = self._sample(s.case_ids[c], j >= n_random, rng)
+                for j in mine:
+                    seeds = np.random.SeedSequence([*batch_seed, j]).generate_state(3)
+                    np.random.seed(int(seeds[1]))
+                    torch.manual_seed(int(seeds[2]))
+                    img, lab = self._sample(s.case_ids[picks[j]], j >= n_random, np.random.default_rng(seeds[0]))
                     out = self._transforms(image=img, segmentation=lab)
                     images.append(out["image"])
                     targets.append(out["segmentation"])
@@ -163,7 +170,7 @@ class BatchBuilder:
             target: Any = [torch.stack([t[k] for t in targets]) for k in range(len(targets[0]))]
         else:
             target = torch.stack(targets)
-        return {"data": torch.stack(images).float(), "target": target, "keys": [s.case_ids[c] for c in picks]}
+        return {"data": torch.stack(images).float(), "target": target, "keys": [s.case_ids[picks[j]] for j in mine]}
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -201,11 +208,12 @@ class PatchLoader:
     samples 3D patches. Each batch is {"data": float32 (B, C, *patch), "target": int64 (B, 1, *patch) class
     indices or float32 (B, R, *patch) regions (a list of those, full resolution first, with
     `recipe.deep_supervision_scales`), "keys": [case ids]}. `num_workers` > 0 builds batches in that many spawned
-    background processes (kept alive across epochs); 0 builds them in this process.
+    background processes (kept alive across epochs); 0 builds them in this process. With `world_size` > 1 each
+    batch holds only rank `rank`'s share of the global batch of `recipe.batch_size`.
     """
 
     def __init__(self, cache_dir: Path, case_ids: list[str], recipe: TrainingRecipe, label_manager: LabelManager,
-                 *, train: bool, seed: int, num_workers: int):
+                 *, train: bool, seed: int, num_workers: int, rank: int = 0, world_size: int = 1):
         cache_dir = Path(cache_dir)
         if not case_ids:
             raise SamplanError(f"no cases to load from {cache_dir}")
@@ -213,7 +221,8 @@ class PatchLoader:
         if missing:
             raise SamplanError(f"{len(missing)} case(s) are not in the preprocessed cache {cache_dir} "
                                f"(e.g. {', '.join(missing[:5])}); re-run samplan_plan_and_preprocess")
-        self.spec = loader_spec(cache_dir, case_ids, recipe, label_manager, train=train, seed=seed)
+        self.spec = loader_spec(cache_dir, case_ids, recipe, label_manager, train=train, seed=seed, rank=rank,
+                                world_size=world_size)
         self.num_workers = max(0, int(num_workers))
         self._builder = BatchBuilder(self.spec)
         self._sampler = _EpochSampler()

@@ -24,10 +24,10 @@ EMA_DECAY = 0.9
 class TrainingLogger:
     """Curves of a training run plus its text log file (appended to, so a continued run keeps its history)."""
 
-    def __init__(self, folder: str | Path, log_name: str = "training_log.txt", echo: bool = True):
+    def __init__(self, folder: str | Path, log_name: str = "training_log.txt", echo: bool = True, write: bool = True):
         self.folder = Path(folder)
         self.log_file = self.folder / log_name
-        self.echo = echo
+        self.echo, self.write = echo, write  # write=False: a data-parallel rank other than 0 keeps only the curves
         self.curves: dict[str, list[Any]] = {k: [] for k in CURVES}
 
     @property
@@ -37,6 +37,8 @@ class TrainingLogger:
 
     def print(self, message: str) -> None:
         """Append a timestamped line to the text log (and echo it on stdout)."""
+        if not self.write:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}"
         with disk_full_guard(self.folder, detail=f" while appending to {self.log_file.name}"):
@@ -85,6 +87,8 @@ class TrainingLogger:
 
     def write_progress(self, plot: bool = True) -> None:
         """Write progress.json (the curves) and progress.png (losses, Dice, lr, epoch time)."""
+        if not self.write:
+            return
         save_json({k: [_json_number(x) for x in v] for k, v in self.curves.items()}, self.folder / "progress.json")
         if plot and self.num_epochs_logged:
             plot_progress(self.curves, self.folder / "progress.png")

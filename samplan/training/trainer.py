@@ -12,8 +12,7 @@ uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,46 +21,25 @@ import torch
 from samplan.dataset.dataset_json import read_case_groups
 from samplan.dataset.labels import LabelManager
 from samplan.devices import autocast_dtype
-from samplan.engine.optim import derived_seed, seed_everything
+from samplan.engine.optim import seed_everything
 from samplan.engine.recipe import TrainingRecipe
 from samplan.errors import SamplanError
 from samplan.experiment_planning.plans import PLANS_NAME
 from samplan.methods import METHODS, get_method
-from samplan.methods.base import Method, MethodPlan, PromptedMethod, TrainableMethod, trainable_names
+from samplan.methods.base import PromptedMethod, TrainableMethod, trainable_names
 from samplan.models.checkpoint import load_checkpoint, save_checkpoint
 from samplan.paths import model_dir, preprocessed_root, resolve_dataset_name
+from samplan.engine.data_parallel import attach, detach, shard
 from samplan.training.checkpoint import load_pretrained_weights
+from samplan.training.distributed import DistributedContext, broadcast
+from samplan.training.epochs import local_share, run_epochs
+from samplan.training.fold_state import FoldSetup, Run, identity
 from samplan.training.logger import TrainingLogger
-from samplan.training.trackers import Tracker, class_names, epoch_metrics, fold_params, fold_run_name, make_tracker
+from samplan.training.trackers import fold_params, fold_run_name, make_tracker
 from samplan.utils import load_json, remove_stale_temporaries, save_json
 
 DEFAULT_SEED = 12345
 MODEL_FILES = ("plans.json", "dataset.json", "fingerprint.json")
-
-
-@dataclass
-class FoldSetup:
-    """Everything resolved for training one fold: files read, the method and its checked plan, cases and folders."""
-
-    dataset_name: str
-    preprocessed_dir: Path
-    plans: dict[str, Any]
-    dataset_json: dict[str, Any]
-    method: Method
-    mp: MethodPlan
-    fold: int | str
-    label_manager: LabelManager
-    train_ids: list[str]
-    val_ids: list[str]
-    cache_dir: Path
-    model_dir: Path
-    fold_dir: Path
-    num_input_channels: int
-
-    @property
-    def configuration(self) -> str:
-        """The configuration being trained."""
-        return self.mp.configuration
 
 
 def merge_overrides(section: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,52 +112,10 @@ def copy_model_files(s: FoldSetup, continuing: bool) -> None:
         save_json(content, dst)
 
 
-def make_loader(cache_dir: Path, case_ids: list[str], recipe: TrainingRecipe, label_manager: LabelManager, *,
-                train: bool, seed: int, num_workers: int) -> Any:
-    """The patch loader of one split (module-level so that tests can substitute a stand-in)."""
-    from samplan.training.data_loader import PatchLoader
-
-    return PatchLoader(cache_dir, case_ids, recipe, label_manager, train=train, seed=seed, num_workers=num_workers)
-
-
 def default_num_workers(device: torch.device) -> int:
     """Background loader processes: half the cores on CPU (the network needs the rest), up to 12 with a GPU."""
     cores = os.cpu_count() or 1
     return max(1, min(cores // 2, 4)) if device.type == "cpu" else max(1, min(cores - 1, 12))
-
-
-def _identity(s: FoldSetup) -> dict[str, Any]:
-    """The checkpoint keys that say what was trained."""
-    return {"method": s.method.name, "configuration": s.configuration, "fold": s.fold,
-            "plans_name": s.plans.get("plans_name", PLANS_NAME), "dataset_name": s.dataset_name,
-            "num_input_channels": s.num_input_channels, "num_outputs": s.label_manager.num_outputs}
-
-
-@dataclass
-class Run:
-    """A training in progress: the network, its optimiser and schedule, the recipe, the log and the position."""
-
-    network: torch.nn.Module
-    optimizer: Any
-    scheduler: Any
-    recipe: TrainingRecipe
-    logger: TrainingLogger
-    seed: int
-    start_epoch: int = 0
-    best_ema: float | None = None
-
-    def checkpoint(self, s: FoldSetup, epoch: int) -> dict[str, Any]:
-        """Plain-data checkpoint after `epoch` completed epochs (loadable with weights_only=True)."""
-        r = self.recipe
-        return {
-            "network_weights": self.network.state_dict(), "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
-            "grad_scaler_state": r.grad_scaler.state_dict() if r.grad_scaler is not None else None,
-            "logging": self.logger.state_dict(), "best_ema": self.best_ema, "seed": self.seed,
-            "num_epochs": r.num_epochs, "iterations_per_epoch": r.iterations_per_epoch,
-            "val_iterations_per_epoch": r.val_iterations_per_epoch, "current_epoch": epoch, **_identity(s),
-            "mirror_axes": list(r.mirror_axes),
-        }
 
 
 def _resume_state(fold_dir: Path, logger: TrainingLogger) -> dict[str, Any] | None:
@@ -192,8 +128,13 @@ def _resume_state(fold_dir: Path, logger: TrainingLogger) -> dict[str, Any] | No
     return None
 
 
-def _open_log(s: FoldSetup, continue_training: bool) -> tuple[TrainingLogger, dict[str, Any] | None]:
-    """The fold's log (a new run starts a new one, and drops the old run's best) and the state to continue from."""
+def _open_log(s: FoldSetup, continue_training: bool,
+              dist: DistributedContext | None = None) -> tuple[TrainingLogger, dict[str, Any] | None]:
+    """The fold's log (a new run starts a new one, and drops the old run's best) and the state to continue from;
+    ranks other than 0 of a data-parallel run get a log that writes nothing, and only read the checkpoint."""
+    if dist is not None and not dist.is_main:
+        logger = TrainingLogger(s.fold_dir, echo=False, write=False)
+        return logger, _resume_state(s.fold_dir, logger) if continue_training else None
     s.fold_dir.mkdir(parents=True, exist_ok=True)
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth"):  # we hold the fold's lock
         remove_stale_temporaries(s.fold_dir, name)
@@ -257,39 +198,66 @@ def _start(s: FoldSetup, recipe: TrainingRecipe, logger: TrainingLogger, state: 
 def train(s: FoldSetup, dev: torch.device, *, epochs: int | None = None, iters_per_epoch: int | None = None,
           val_iters: int | None = None, continue_training: bool = False,
           pretrained_weights: str | Path | None = None, seed: int | None = None, num_workers: int | None = None,
-          precision: str = "auto", tracker: str | None = None) -> TrainingLogger:
+          precision: str = "auto", tracker: str | None = None,
+          dist: DistributedContext | None = None) -> TrainingLogger:
     """Train (or continue) one fold of a TrainableMethod up to checkpoint_final; returns the run's log.
 
     `epochs`/`iters_per_epoch`/`val_iters` override the recipe (a continued run keeps the values it was started
     with unless they are given again). `seed` defaults to 12345, or to the checkpoint's seed when continuing.
     `num_workers`: background loader processes (0: load in this process; default from the device).
     `tracker`: also log each epoch to tensorboard|mlflow|none (default: $SAMPLAN_LOGGER, else none; trackers.py).
+    `dist`: this process's rank in a data-parallel run (its process group initialised; samplan.training.distributed):
+    the network is wrapped in DistributedDataParallel, each rank trains on its share of every global batch of
+    `recipe.batch_size`, and rank 0 alone writes the log, the tracker and the checkpoints.
     """
     if continue_training and pretrained_weights is not None:
         raise SamplanError("--pretrained-weights starts a new training; it cannot be combined with --c.")
     workers = default_num_workers(dev) if num_workers is None else max(int(num_workers), 0)
-    tracking = make_tracker(tracker, s.fold_dir)  # a missing package fails here, before anything is written
-    logger, state = _open_log(s, continue_training)
-    copy_model_files(s, continuing=state is not None)
+    main = dist is None or dist.is_main
+    # a missing package fails here, before anything is written
+    tracking = make_tracker(tracker if main else "none", s.fold_dir)
+    logger, state = _open_log(s, continue_training, dist)
+    if main:
+        copy_model_files(s, continuing=state is not None)
     seed = int(seed if seed is not None else state["seed"] if state else DEFAULT_SEED)
     recipe = _recipe(s, state, epochs, iters_per_epoch, val_iters)
+    if dist is not None:
+        check_world_size(recipe, dist.world_size)
     run = _start(s, recipe, logger, state, seed, dev, precision, pretrained_weights)
+    run.dist = dist
+    if dist is not None:  # after loading: DDP broadcasts rank 0's weights to every rank
+        recipe.autocast_dtype = broadcast(recipe.autocast_dtype)  # one precision probe decides for all ranks
+        attach(run.network, dev, loss_weight=dist.world_size * local_share(run))
     n_params = sum(p.numel() for p in run.network.parameters())
     precision_name = str(recipe.autocast_dtype or torch.float32).replace("torch.", "")
     logger.print(f"{s.method.name} {s.configuration} fold {s.fold} of {s.dataset_name}: {len(s.train_ids)} training / "
                  f"{len(s.val_ids)} validation cases, patch {list(recipe.patch_size)}, batch {recipe.batch_size}, "
                  f"{recipe.num_epochs} epochs x {recipe.iterations_per_epoch} iterations "
                  f"(+{recipe.val_iterations_per_epoch} validation), device {dev} ({precision_name}), {workers} loader "
-                 f"worker(s), seed {seed}, {n_params / 1e6:.2f} M parameters")
-    if run.start_epoch < recipe.num_epochs:
-        line = tracking.start(fold_run_name(s), fold_params(s, run), run.start_epoch if state else None)
-        if line:
-            logger.print(line)
-        _run_epochs(s, run, dev, workers, tracking)
-    save_checkpoint(run.checkpoint(s, max(run.start_epoch, recipe.num_epochs)), s.fold_dir / "checkpoint_final.pth")
-    logger.write_progress()
-    logger.print(f"training done: {s.fold_dir / 'checkpoint_final.pth'}")
+                 f"worker(s), seed {seed}, {n_params / 1e6:.2f} M parameters"
+                 + (f"; {dist.world_size} data-parallel processes, {len(shard(recipe.batch_size, 0, dist.world_size))} "
+                    "or fewer samples of each batch per process" if dist else ""))
+    try:
+        if run.start_epoch < recipe.num_epochs:
+            line = tracking.start(fold_run_name(s), fold_params(s, run), run.start_epoch if state else None)
+            if line:
+                logger.print(line)
+            run_epochs(s, run, dev, workers, tracking)
+    finally:
+        detach(run.network)
+    if main:
+        save_checkpoint(run.checkpoint(s, max(run.start_epoch, recipe.num_epochs)), s.fold_dir / "checkpoint_final.pth")
+        logger.write_progress()
+        logger.print(f"training done: {s.fold_dir / 'checkpoint_final.pth'}")
     return logger
+
+
+def check_world_size(recipe: TrainingRecipe, world_size: int) -> None:
+    """Every rank needs at least one sample of each global batch."""
+    if world_size > int(recipe.batch_size):
+        raise SamplanError(f"{world_size} data-parallel processes need a batch of at least {world_size}, but the "
+                           f"plan's batch is {recipe.batch_size}; use --num-devices {recipe.batch_size} or fewer (or "
+                           "raise batch_size in the plan).")
 
 
 def write_untrained_fold(s: FoldSetup, seed: int | None = None) -> Path:
@@ -305,73 +273,9 @@ def write_untrained_fold(s: FoldSetup, seed: int | None = None) -> Path:
     line = s.method.initialize_pretrained(network, s.mp)
     if line:
         logger.print(line)
-    state = {"network_weights": network.state_dict(), **_identity(s), "mirror_axes": [], "needs_training": False,
+    state = {"network_weights": network.state_dict(), **identity(s), "mirror_axes": [], "needs_training": False,
              "seed": seed, "current_epoch": 0}
     save_checkpoint(state, s.fold_dir / "checkpoint_final.pth")
     logger.print(f"{s.method.name} needs no training: wrote {s.fold_dir / 'checkpoint_final.pth'}; predict with "
                  "samplan_predict")
     return s.fold_dir
-
-
-def _train_epoch(s: FoldSetup, run: Run, loader: Any, epoch: int, dev: torch.device) -> float:
-    """One epoch of optimiser steps; the mean training loss."""
-    run.network.train()
-    losses = [s.method.train_step(run.network, batch, run.recipe, run.optimizer, dev, s.mp)["loss"]
-              for batch in loader.epoch(epoch, run.recipe.iterations_per_epoch)]
-    return sum(losses) / max(len(losses), 1)
-
-
-def _validate_epoch(s: FoldSetup, run: Run, loader: Any, epoch: int, dev: torch.device) -> tuple[float, list[float]]:
-    """Validation patches of one epoch: the mean loss and the pseudo Dice per foreground class (from summed counts)."""
-    run.network.eval()
-    counts = torch.zeros(3, len(s.label_manager.foreground_keys), dtype=torch.float64)
-    losses = []
-    with torch.no_grad():
-        for batch in loader.epoch(epoch, run.recipe.val_iterations_per_epoch):
-            out = s.method.validation_step(run.network, batch, run.recipe, dev, s.label_manager, s.mp)
-            losses.append(out["loss"])
-            counts += torch.tensor([out["tp"], out["fp"], out["fn"]], dtype=torch.float64)
-    tp, fp, fn = counts
-    dice = [float(2 * a / (2 * a + b + c)) if 2 * a + b + c > 0 else float("nan") for a, b, c in zip(tp, fp, fn)]
-    return (sum(losses) / len(losses) if losses else float("nan")), dice
-
-
-def _loader(s: FoldSetup, case_ids: list[str], recipe: TrainingRecipe, train: bool, seed: int, workers: int) -> Any:
-    """The method's own loader for the split, else the patch loader."""
-    own = s.method.training_loader(s.mp, s.cache_dir, case_ids, recipe, s.label_manager, train=train, seed=seed)
-    if own is not None:
-        return own
-    return make_loader(s.cache_dir, case_ids, recipe, s.label_manager, train=train, seed=seed, num_workers=workers)
-
-
-def _run_epochs(s: FoldSetup, run: Run, dev: torch.device, workers: int, tracker: Tracker) -> None:
-    """Epochs start_epoch..num_epochs-1: train, validate on patches, log (and track), checkpoint latest (and best)."""
-    recipe, logger = run.recipe, run.logger
-    names = class_names(s.dataset_json, s.label_manager.foreground_keys)
-    train_loader = _loader(s, s.train_ids, recipe, True, derived_seed(run.seed, "train"), workers)
-    val_loader = _loader(s, s.val_ids, recipe, False, derived_seed(run.seed, "val"), workers // 2)
-    try:
-        for epoch in range(run.start_epoch, recipe.num_epochs):
-            t0 = time.perf_counter()
-            seed_everything(derived_seed(run.seed, epoch, "epoch"))  # dropout etc. of this epoch only
-            lr = run.optimizer.param_groups[0]["lr"]
-            train_loss = _train_epoch(s, run, train_loader, epoch, dev)
-            val_loss, dice = _validate_epoch(s, run, val_loader, epoch, dev)
-            run.scheduler.step()
-            ema = logger.log_epoch(epoch, train_loss=train_loss, val_loss=val_loss, dice_per_class=dice, lr=lr,
-                                   epoch_time=time.perf_counter() - t0)
-            logger.print(logger.epoch_line(epoch, recipe.num_epochs))
-            tracker.log_epoch(epoch + 1, epoch_metrics(logger.curves, epoch, names))
-            improved = ema == ema and (run.best_ema is None or ema > run.best_ema)  # ema == ema: not NaN
-            run.best_ema = ema if improved else run.best_ema
-            state = run.checkpoint(s, epoch + 1)
-            save_checkpoint(state, s.fold_dir / "checkpoint_latest.pth")
-            if improved:
-                save_checkpoint(state, s.fold_dir / "checkpoint_best.pth")
-                logger.print(f"new best EMA pseudo Dice {ema:.4f}: checkpoint_best.pth")
-            logger.write_progress()
-    finally:
-        tracker.close()
-        for loader in (train_loader, val_loader):
-            if callable(getattr(loader, "close", None)):
-                loader.close()

@@ -18,6 +18,7 @@ from torch import nn
 from samplan.dataset.labels import LabelManager
 from samplan.devices import autocast
 from samplan.engine.augmentation import augmentation_params
+from samplan.engine.data_parallel import training_loss
 from samplan.engine.losses import DiceBCELoss, build_segmentation_loss
 from samplan.engine.optim import make_optimizer, make_schedule
 from samplan.engine.recipe import TrainingRecipe
@@ -136,12 +137,18 @@ def step(net: AutoSAM2Net, batch: dict[str, Any], recipe: TrainingRecipe, device
     weight_sam = float(w.weight_sam)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    with autocast(device, recipe.autocast_dtype):
-        logits, features = net.unet(data)
+    outputs: dict[str, Any] = {}
+
+    def forward(model: AutoSAM2Net) -> torch.Tensor:
+        logits, features = model.unet(data)
+        branch = run_branch(model, data, logits, features, section, regions)
+        outputs.update(logits=logits, branch=branch)
         loss = recipe.loss(logits, target)
-        branch = run_branch(net, data, logits, features, section, regions)
-        if branch is not None:
-            loss = loss + weight_sam * sam_loss(branch.logits, row_targets(target, branch, regions))
+        return loss if branch is None else loss + weight_sam * sam_loss(branch.logits, row_targets(target, branch, regions))
+
+    with torch.set_grad_enabled(optimizer is not None), autocast(device, recipe.autocast_dtype):
+        loss = training_loss(net, forward)
+    logits, branch = outputs["logits"], outputs["branch"]
     if optimizer is None:
         fused = probabilities_to_logits(fused_batch_probabilities(logits, branch, section, regions), regions)
         tp, fp, fn = hard_tp_fp_fn(fused, target, label_manager)

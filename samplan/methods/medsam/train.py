@@ -21,6 +21,7 @@ from samplan.methods.sam_common.decoding import decode_boxes
 from samplan.methods.sam_common.slice_input import box_scale, encoder_input, logits_at_input, masks_to_input
 from samplan.prompts.boxes import box_from_mask, full_image_box, jitter_box, object_masks, scale_box
 from samplan.engine.augmentation import slice_augmentation
+from samplan.engine.data_parallel import training_loss
 from samplan.engine.optim import make_optimizer, make_schedule
 from samplan.engine.recipe import TrainingRecipe
 
@@ -145,11 +146,16 @@ def step(network: nn.Module, batch: dict[str, Any], recipe: TrainingRecipe, devi
     tgt = masks_to_input(masks, size).to(device)
     if train:
         optimizer.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(train), autocast(device, recipe.autocast_dtype):
-        logits = logits_at_input(decode_boxes(network, network.image_encoder(images.to(device)), boxes_t), size)
-        loss = recipe.loss(logits, tgt)
+    def decode(net: nn.Module) -> torch.Tensor:
+        return logits_at_input(decode_boxes(net, net.image_encoder(images.to(device)), boxes_t), size)
+
     if train:
+        with autocast(device, recipe.autocast_dtype):
+            loss = training_loss(network, lambda net: recipe.loss(decode(net), tgt))
         loss.backward()
         optimizer.step()
         return {"loss": float(loss.detach())}
+    with torch.no_grad(), autocast(device, recipe.autocast_dtype):
+        logits = decode(network)
+        loss = recipe.loss(logits, tgt)
     return {"loss": float(loss), **_counts(logits, tgt, ks, getattr(network, REGIONS_BUFFER).shape[0])}

@@ -14,9 +14,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from samplan.devices import autocast
 from samplan.engine.augmentation import slice_augmentation
+from samplan.engine.data_parallel import training_loss
 from samplan.engine.optim import make_optimizer, make_schedule
 from samplan.engine.recipe import TrainingRecipe
 from samplan.methods.promise.features import FeatureStore, feature_cache_dir
@@ -168,14 +170,19 @@ def step(network: PromiseNet, batch: dict[str, Any], recipe: TrainingRecipe, dev
         oracle = {k: v.to(device) for k, v in oracle_prompts(target, section, rng).items()}
     if train:
         optimizer.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(train), autocast(device, recipe.autocast_dtype):
-        masks, presence, prompts = network(embedding, features, oracle)
+    def forward(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        masks, presence, prompts = net(embedding, features, oracle)
         logits = logits_at_input(masks, int(section.input_size))
-        loss = recipe.loss(logits, target, presence, None if oracle is not None else prompts)
+        return recipe.loss(logits, target, presence, None if oracle is not None else prompts), logits, presence
+
     if train:
+        with autocast(device, recipe.autocast_dtype):
+            loss = training_loss(network, lambda net: forward(net)[0])
         loss.backward()
         optimizer.step()
         return {"loss": float(loss.detach())}
+    with torch.no_grad(), autocast(device, recipe.autocast_dtype):
+        loss, logits, presence = forward(network)
     if presence is None:  # the oracle knows which outputs are present
         presence = torch.where(target.flatten(2).amax(-1) > 0, 1.0, -1.0)
     return {"loss": float(loss), **counts(logits.detach(), presence.detach(), target)}
