@@ -14,6 +14,7 @@ from samplan.paths import preprocessed_root
 from samplan.pipeline.planning import plan_and_preprocess
 from samplan.pipeline.train import train_fold
 from samplan.training.data_loader import PatchLoader
+from samplan.training.distributed import free_port
 from samplan.training.trainer import prepare_fold
 from samplan.utils import load_json, save_json
 from synthetic import make_dataset_3d
@@ -112,3 +113,22 @@ def test_more_processes_than_samples_fail_before_anything_is_written(env, tmp_pa
         train_fold(DATASET, "unet", "3d_fullres", 0, epochs=1, device="cpu", num_devices=4)
     assert not (tmp_path / "results").exists()
     assert (preprocessed_root() / DATASET / "plans.json").is_file()
+
+
+def test_torchrun_started_processes_train_like_one_process(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, one = _final(env, tmp_path / "one", "3d_fullres", epochs=1)
+    env.setenv("SAMPLAN_RESULTS", str(tmp_path / "torchrun"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "samplan.cli.train", "-d", DATASET, "-m", "unet", "-c", "3d_fullres", "-f", "0", "--epochs", "1",
+           "--iters-per-epoch", "3", "--val-iters", "2", "--device", "cpu", "-np", "0", "--precision", "fp32",
+           "--no-val"]
+    done = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold_dir = tmp_path / "torchrun" / DATASET / "unet__samplanPlans__3d_fullres" / "fold_0"
+    two = torch.load(fold_dir / "checkpoint_final.pth", weights_only=True)
+    assert _max_weight_difference(one, two) < 1e-4
+    assert "2 data-parallel processes" in (fold_dir / "training_log.txt").read_text()
