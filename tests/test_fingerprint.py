@@ -281,3 +281,25 @@ def test_verification_and_fingerprint_read_every_file_once(samplan_env, monkeypa
     files = sorted(p.name for p in (ds / "imagesTr").iterdir()) + sorted(p.name for p in (ds / "labelsTr").iterdir())
     assert sorted(reads) == sorted(files)  # each image and label file exactly once
     assert json.loads((out / "fingerprint.json").read_text()) == json.loads(json.dumps(separate))
+
+
+def test_counted_samples_equal_nnunets_choice_and_its_statistics():
+    """The foreground sample kept as counts is nnU-Net's `choice` sample, and the weighted statistics equal numpy's
+    over the expanded sample (percentiles exactly, mean/std to float32 precision)."""
+    from samplan.experiment_planning.fingerprint import _foreground_samples, weighted_statistics
+
+    rng = np.random.default_rng(0)
+    data = np.stack([rng.normal(100, 30, (6, 20, 20)).round(1), rng.integers(0, 50, (6, 20, 20))]).astype(np.float32)
+    seg = (rng.random((1, 6, 20, 20)) < 0.3).astype(np.uint8)
+    n = 12345
+    counted = _foreground_samples(data, seg, n, ["a", "b"])
+    rs = np.random.RandomState(1234)
+    for c, (values, counts) in enumerate(counted):
+        expected = rs.choice(data[c][seg[0] > 0], n, replace=True)  # nnU-Net's draw, channels in order
+        assert np.array_equal(np.repeat(values, counts), np.sort(expected))
+        stats = weighted_statistics(values, counts)
+        p005, med, p995 = np.percentile(expected, (0.5, 50, 99.5))
+        assert (stats["percentile_00_5"], stats["median"], stats["percentile_99_5"]) == (p005, med, p995)
+        assert (stats["min"], stats["max"]) == (expected.min(), expected.max())
+        assert stats["mean"] == pytest.approx(float(expected.mean()), rel=1e-6)
+        assert stats["std"] == pytest.approx(float(expected.std()), rel=1e-6)

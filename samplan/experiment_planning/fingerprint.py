@@ -7,7 +7,11 @@ The nnU-Net rules reproduced here (so that the two fingerprints of one dataset c
   replacement from the case's foreground voxels of each channel in turn, by a fresh
   `np.random.RandomState(1234)` per case; a case without foreground contributes no samples;
 - the samples of all cases (sorted case ids) are concatenated per channel as float32, and mean, std, min,
-  max and the 0.5 / 50 / 99.5 percentiles (numpy's default linear interpolation) are taken over them;
+  max and the 0.5 / 50 / 99.5 percentiles (numpy's default linear interpolation) are taken over them.
+  samplan draws the very same samples (`choice` with replacement is `randint` indices) but keeps each case's as
+  distinct values with counts, and takes the statistics of the weighted values: the same order statistics and
+  percentiles, mean and std in float64 (nnU-Net's float32 sums differ in the 7th digit), without ever holding
+  1e8 floats (400 MB per channel, sent from the workers and partitioned in the main process);
 - median_relative_size_after_cropping is the median over cases of voxels after / before cropping.
 """
 from __future__ import annotations
@@ -58,8 +62,8 @@ def fingerprint_items(raw_dir: str | Path, total_intensity_samples: float | None
     slice_axis = slice_axis_of([sp for _, sp in headers.values()], is_2d=is_2d)
     max_voxels = max(v for v, _ in headers.values())
     # per voxel: the file's pixels and the float32 copy per channel, the fill-holes mask, the label map, the
-    # connected-component labels; plus the drawn indices (int64) and float32 samples per channel
-    bytes_per_case = max_voxels * (12 * n_channels + 16) + 12 * n_channels * n_samples
+    # connected-component labels; plus one channel's drawn indices (int64; the samples become counts)
+    bytes_per_case = max_voxels * (12 * n_channels + 16) + 8 * n_samples
     keys = label_keys(dataset_json)
     items = [(case, (files["images"], files["label"], n_samples, slice_axis, keys)) for case, files in cases.items()]
     return items, bytes_per_case
@@ -153,52 +157,71 @@ def analyze_arrays(data: np.ndarray, props: dict[str, Any], seg: np.ndarray, ima
 
 def _foreground_samples(
     data: np.ndarray, seg: np.ndarray, n_samples: int, image_files: Sequence[Path]
-) -> list[np.ndarray]:
-    """nnU-Net's seeded sample (with replacement) of the foreground intensities of cropped `(C, Z, Y, X)` data.
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """nnU-Net's seeded sample (with replacement) of the foreground intensities of cropped `(C, Z, Y, X)` data, per
+    channel as `(distinct float32 values ascending, int64 counts)`.
 
-    One generator per case, used for the channels in order, so channel c's draw depends on the channels before it.
+    One generator per case, used for the channels in order, so channel c's draw depends on the channels before it;
+    `RandomState.choice(pixels, n)` with replacement draws `pixels[randint(0, len(pixels), n)]`, so counting the
+    indices gives exactly its sample (tested against `choice`).
     """
     rs = np.random.RandomState(NNUNET_INTENSITY_SEED)
     foreground = seg[0] > 0
     out = []
     for c in range(data.shape[0]):
-        pixels = data[c][foreground]
+        pixels = data[c][foreground].astype(np.float32, copy=False)
         if np.isnan(pixels).any():
             raise DatasetError(f"{image_files[c]}: NaN values inside the labelled region; replace them before planning.")
-        # float32 in, float32 out: the samples are exactly what nnU-Net would hold
-        drawn = rs.choice(pixels, n_samples, replace=True) if pixels.size else np.zeros(0)
-        out.append(drawn.astype(np.float32, copy=False))
+        if not pixels.size:
+            out.append((np.zeros(0, np.float32), np.zeros(0, np.int64)))
+            continue
+        drawn = np.bincount(rs.randint(0, pixels.size, size=n_samples), minlength=pixels.size)
+        values, where = np.unique(pixels, return_inverse=True)
+        out.append((values, np.bincount(where.ravel(), weights=drawn, minlength=values.size).astype(np.int64)))
     return out
 
 
-def _intensity_properties(samples: list[list[np.ndarray]], raw_dir: Path) -> dict[str, dict[str, float]]:
-    """Per-channel statistics over the concatenated samples of all cases (cases in fingerprint order).
+def weighted_statistics(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """nnU-Net's intensity statistics of the sample holding `values[i]` `counts[i]` times (values float32): numpy's
+    linear-interpolation percentiles reproduced on the cumulative counts."""
+    order = np.argsort(values, kind="stable")
+    values, counts = values[order], counts[order]
+    keep = counts > 0
+    values, counts = values[keep], counts[keep]
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    v64 = values.astype(np.float64)
+    mean = float(np.dot(v64, counts) / n)
+    std = float(np.sqrt(np.dot((v64 - mean) ** 2, counts) / n))
 
-    Frees each case's samples of a channel once they are concatenated, so that the peak is about the
-    samples of all channels plus one concatenated channel.
-    """
+    def order_statistic(k: np.ndarray) -> np.ndarray:
+        return values[np.searchsorted(cum, k, side="right")]
+
+    q = np.asarray(_PERCENTILES, dtype=np.float64) / 100
+    virtual = n * q + (1 + q * (1 - 1 - 1)) - 1  # numpy's _compute_virtual_index for the linear method
+    below = np.floor(virtual)
+    gamma = virtual - below
+    a = order_statistic(below.astype(np.int64))
+    b = order_statistic(np.minimum(below.astype(np.int64) + 1, n - 1))
+    diff = (b - a).astype(np.float64)  # float32 difference, as numpy's _lerp takes it
+    lerp = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    p00_5, median, p99_5 = (float(x) for x in lerp)
+    return {"mean": mean, "median": median, "std": std, "min": float(values[0]), "max": float(values[-1]),
+            "percentile_99_5": p99_5, "percentile_00_5": p00_5}
+
+
+def _intensity_properties(samples: list[list[tuple[np.ndarray, np.ndarray]]],
+                          raw_dir: Path) -> dict[str, dict[str, float]]:
+    """Per-channel statistics over the samples of all cases (each case's as distinct values with counts)."""
     out = {}
     for c in range(len(samples[0])):
-        v = np.concatenate([s[c] for s in samples])
-        for s in samples:
-            s[c] = None
-        if v.size == 0:
+        values = np.concatenate([s[c][0] for s in samples])
+        counts = np.concatenate([s[c][1] for s in samples])
+        if not counts.sum():
             raise DatasetError(
                 f"{raw_dir}: no training case has a foreground label voxel inside its nonzero image region."
             )
-        # mean and std first: the percentile below reorders v in place (same values, less memory)
-        mean, std, lo, hi = float(np.mean(v)), float(np.std(v)), float(np.min(v)), float(np.max(v))
-        p00_5, median, p99_5 = np.percentile(v, _PERCENTILES, overwrite_input=True)
-        out[str(c)] = {
-            "mean": mean,
-            "median": float(median),
-            "std": std,
-            "min": lo,
-            "max": hi,
-            "percentile_99_5": float(p99_5),
-            "percentile_00_5": float(p00_5),
-        }
-        del v
+        out[str(c)] = weighted_statistics(values, counts)
     return out
 
 
