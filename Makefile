@@ -18,7 +18,8 @@ $(VENV)/.installed: setup.py constraints-ci.txt
 	$(PY) -m pip install --quiet -c constraints-ci.txt torch torchvision
 	# sam2 builds against the installed torch (no second torch) and without its optional CUDA extension
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints-ci.txt sam2
-	$(PY) -m pip install --quiet -c constraints-ci.txt -e ".[test]"
+	# onnx: the optional ONNX Runtime encoder engine, so that its tests run (two binary wheels, ~35 MB)
+	$(PY) -m pip install --quiet -c constraints-ci.txt -e ".[test,onnx]"
 	touch $@
 
 venv: $(VENV)/.installed

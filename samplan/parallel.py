@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -99,3 +99,10 @@ def _call(fn: Callable[..., R], case: str, args: tuple) -> R:
         raise SamplanError(f"case '{case}': out of memory ({e}). Re-run with fewer processes (-np 1).") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the case named
         raise SamplanError(f"case '{case}': {type(e).__name__}: {e}") from e
+
+
+def thread_or_processes(workers: int, thread_name: str = "samplan-worker") -> Executor:
+    """`workers` spawned worker processes (safe with torch loaded) or, for 0, one background thread."""
+    if workers == 0:
+        return ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))

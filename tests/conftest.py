@@ -14,6 +14,16 @@ from synthetic import make_dataset_2d_png, make_dataset_3d  # noqa: E402
 SHARED_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_engine_torch(tmp_path_factory):
+    """Every test runs SAM image encoders in eager torch and caches nothing under ~/.cache: tests of the ONNX engine
+    (test_onnx_encoder.py) choose it explicitly. Session-wide, so that module-scoped fixtures get it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAMPLAN_ENCODER_ENGINE", "torch")
+        mp.setenv("SAMPLAN_CACHE", str(tmp_path_factory.mktemp("samplan_cache")))
+        yield
+
+
 @pytest.fixture
 def samplan_env(tmp_path, monkeypatch):
     """Point SAMPLAN_RAW/PREPROCESSED/RESULTS at empty folders under tmp_path and return them."""

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose outputs already exist")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the network runs (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: auto = fp16 on CUDA; on a CPU bf16 only where a quick probe measures it faster than fp32, else fp32)")
+    p.add_argument("--encoder-engine", default=None, choices=("auto", "torch", "onnx"),
+                   help="what runs SAM-family image encoders (samzeroshot, medsam, promise): onnx = ONNX Runtime on the "
+                        "CPU (pip install 'samplan[onnx]'; exported once per encoder and cached in $SAMPLAN_CACHE or "
+                        "~/.cache/samplan); auto = onnx only on a CPU where it is installed and a one-time probe measured "
+                        "it faster (default: $SAMPLAN_ENCODER_ENGINE, else auto)")
     p.add_argument("--part-id", type=int, default=0, metavar="I", help="predict only part I (0-based) of the sorted "
                    "cases, split in --num-parts parts as nnU-Net does: one process per GPU, same output folder "
                    "(default: 0)")
@@ -114,7 +119,8 @@ def model_prompt_source(args: argparse.Namespace, file_ending: str, cache):
     first = select_model(args.dataset, args.prompts_from, args.prompts_from_configuration, args.plans, args.checkpoint,
                          input_dir=args.input)
     stage = Predictor.from_model_dir(first.path, folds=args.prompts_from_folds, checkpoint=args.checkpoint,
-                                     device=args.device, tta=not args.disable_tta, precision=args.precision)
+                                     device=args.device, tta=not args.disable_tta, precision=args.precision,
+                                     encoder_engine=args.encoder_engine)
     folds = [str(f) for f in (args.prompts_from_folds or first.folds)]
     description = {"method": stage.method.name, "configuration": stage.configuration, "folds": folds,
                    "checkpoint": args.checkpoint, "model_dir": str(first.path)}
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dataset is None:
                 raise SamplanError("--best needs -d DATASET (whose samplan_find_best instructions to follow).")
             outputs = predict_best(args.dataset, args.input, args.output, device=args.device, precision=args.precision,
-                                   tta=not args.disable_tta, overwrite=not args.continue_)
+                                   tta=not args.disable_tta, overwrite=not args.continue_,
+                                   encoder_engine=args.encoder_engine)
             print(f"wrote {len(outputs)} label map(s) to {args.output}")
             return
         model = select_model(args.dataset, args.method, args.configuration, args.plans, args.checkpoint, input_dir=args.input)
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         source = prompt_source_from_args(args, model.path, dataset_json["file_ending"])
         predictor = Predictor.from_model_dir(
             model.path, folds=args.folds, checkpoint=args.checkpoint, device=args.device, tta=not args.disable_tta,
-            precision=args.precision, prompt_source=source,
+            precision=args.precision, prompt_source=source, encoder_engine=args.encoder_engine,
         )
         outputs = predictor.predict_folder(
             args.input, args.output, save_probabilities=args.save_probabilities,

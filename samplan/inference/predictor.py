@@ -7,11 +7,10 @@ previous case's result in a background thread.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 from collections import deque
 from contextlib import closing
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from samplan.dataset.labels import LabelManager
 from samplan.errors import DatasetError, InputError, SamplanError
-from samplan.devices import autocast, autocast_dtype, resolve_device
+from samplan.devices import autocast, resolve_device
 from samplan.engine.dense import row_slabs
 from samplan.inference.export import export_prediction, logits_to_label_map
 from samplan.inference.input_checks import (CaseProblems, case_problems, check_folders, list_input_cases, select_part,
@@ -33,7 +32,8 @@ from samplan.inference.model_selection import available_folds, load_model_files
 from samplan.methods import get_method
 from samplan.methods.base import Method, MethodPlan, PredictionContext
 from samplan.models.checkpoint import load_checkpoint, plain_state_dict
-from samplan.parallel import _call
+from samplan.models.encoder_engine import encoder_engine, engine_and_autocast
+from samplan.parallel import _call, thread_or_processes
 from samplan.preprocessing.preprocessor import configuration_plan, preprocess_case, preprocess_case_files
 from samplan.utils import remove_stale_temporaries
 
@@ -51,7 +51,7 @@ class Predictor:
     see samplan.inference.prompted): per case, a reference label map preprocessed with the image and the
     case's prompts (and the embedding cache) for the method's PredictionContext; None for every other method.
     The plans are checked by the method (`check_plan`) here, unless the caller did (`method_plan`); `plans_file`
-    names them in its errors.
+    names them in its errors. `encoder_engine`: auto, torch or onnx (samplan.models.encoder_engine).
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class Predictor:
         prompt_source: Any = None,
         plans_file: str | Path = "plans.json",
         method_plan: MethodPlan | None = None,
+        encoder_engine: str | None = None,
     ):
         self.method = method
         self.mp = method_plan or method.check_plan(plans, configuration, plans_file=plans_file)
@@ -87,8 +88,8 @@ class Predictor:
         self.fold_weights = list(fold_weights) if fold_weights else []
         self.num_input_channels = int(num_input_channels or len(dataset_json["channel_names"]))
         self.device = resolve_device(device)
-        # bf16 on CPUs that have it natively, fp16 on CUDA (see samplan.devices)
-        self.autocast_dtype = autocast_dtype(self.device, precision)
+        # bf16 on CPUs that have it natively, fp16 on CUDA (see samplan.devices); fp32 for an explicit ONNX engine
+        self.encoder_engine, self.autocast_dtype = engine_and_autocast(encoder_engine, self.device, precision)
         n_spatial = len(self.plan["patch_size"])
         axes = tuple(range(n_spatial)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
         self.mirror_axes = axes if tta else ()
@@ -105,6 +106,7 @@ class Predictor:
         progress: bool = True,
         precision: str = "auto",
         prompt_source: Any = None,
+        encoder_engine: str | None = None,
     ) -> "Predictor":
         """Load a trained model folder; `folds` None uses every fold that has `checkpoint_<checkpoint>.pth`."""
         model_dir = Path(model_dir)
@@ -147,7 +149,7 @@ class Predictor:
         mirror = first.get("inference_allowed_mirroring_axes", first.get("mirror_axes"))
         return cls(method, network, plans, configuration, dataset_json, weights, num_input_channels=n_in,
                    device=device, tta=tta, mirror_axes=mirror, progress=progress, precision=precision,
-                   prompt_source=prompt_source, method_plan=mp)
+                   prompt_source=prompt_source, method_plan=mp, encoder_engine=encoder_engine)
 
     # ------------------------------------------------------------------------------------------- network
 
@@ -174,7 +176,7 @@ class Predictor:
         for weights in folds:
             if weights is not None:
                 self.network.load_state_dict(weights)
-            with autocast(self.device, self.autocast_dtype):
+            with autocast(self.device, self.autocast_dtype), encoder_engine(self.encoder_engine):
                 logits = self.method.predict_logits(self.network, data, self.mp, context)
             if len(folds) == 1:
                 return logits
@@ -307,7 +309,7 @@ class Predictor:
         """(case, data, reference, properties) in order, the next case preprocessed (in a thread, or `workers`
         spawned processes) while the caller works on this one; pending jobs are cancelled when the caller stops.
         A case whose files are refused (DatasetError) goes into `problems` and is not yielded."""
-        with _preprocessing_executor(workers) as pre:
+        with thread_or_processes(workers, "samplan-preprocess") as pre:
             queue: deque[tuple[str, Future]] = deque()
             items = iter(todo.items())
 
@@ -380,13 +382,6 @@ class Predictor:
             print(f"note: ignoring {len(ignored)} file(s) of {input_dir} not ending in {ending} (the model's file "
                   f"ending): {shown_names(ignored)}", file=sys.stderr)
         return self.predict_cases(select_part(cases, *part), output_dir, save_probabilities, overwrite, num_processes)
-
-
-def _preprocessing_executor(workers: int) -> Executor:
-    """Spawned worker processes (safe with torch loaded) or, for 0, one background thread."""
-    if workers == 0:
-        return ThreadPoolExecutor(1, thread_name_prefix="samplan-preprocess")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
 
 
 def _preprocessed(case: str, future: Future) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:

@@ -53,7 +53,7 @@ def load_instructions(dataset: str | int) -> dict[str, Any]:
 
 
 def _member_predictor(d: dict[str, Any], folds: list[str], output_dir: Path, device: str, precision: str,
-                      tta: bool) -> Any:
+                      tta: bool, encoder_engine: str | None = None) -> Any:
     """The Predictor of one member; a cascade's first stage runs into `{output}/members/<first stage>/`."""
     from samplan.inference.model_prompts import ModelPromptSource
     from samplan.inference.predictor import Predictor
@@ -63,7 +63,8 @@ def _member_predictor(d: dict[str, Any], folds: list[str], output_dir: Path, dev
     source = None
     if "first_stage" in d:
         fs = d["first_stage"]
-        stage = Predictor.from_model_dir(fs["model_dir"], folds=folds, device=device, tta=tta, precision=precision)
+        stage = Predictor.from_model_dir(fs["model_dir"], folds=folds, device=device, tta=tta, precision=precision,
+                                         encoder_engine=encoder_engine)
         ending = load_json(model_dir / "dataset.json")["file_ending"]
         # the first stage writes where it would as a member of its own: an ensemble holding it predicts it once
         source = ModelPromptSource(output_dir / "members" / _slug(fs["name"]),
@@ -73,7 +74,7 @@ def _member_predictor(d: dict[str, Any], folds: list[str], output_dir: Path, dev
     # a method without training has only fold "all": it saw no case, so it serves every fold
     own = folds if all(f in _trained_folds(model_dir) for f in folds) else ["all"]
     return Predictor.from_model_dir(model_dir, folds=own, device=device, tta=tta, precision=precision,
-                                    prompt_source=source)
+                                    prompt_source=source, encoder_engine=encoder_engine)
 
 
 def _trained_folds(model_dir: Path) -> list[str]:
@@ -83,8 +84,10 @@ def _trained_folds(model_dir: Path) -> list[str]:
 
 
 def predict_best(dataset: str | int, input_dir: str | Path, output_dir: str | Path, *, device: str = "auto",
-                 precision: str = "auto", tta: bool = True, overwrite: bool = True) -> list[Path]:
-    """Segment every case of `input_dir` with the best candidate of the dataset's instructions into `output_dir`."""
+                 precision: str = "auto", tta: bool = True, overwrite: bool = True,
+                 encoder_engine: str | None = None) -> list[Path]:
+    """Segment every case of `input_dir` with the best candidate of the dataset's instructions into `output_dir`
+    (`encoder_engine`: see samplan.inference.predictor.Predictor)."""
     from samplan.dataset.dataset_json import group_images_by_case
     from samplan.dataset.labels import LabelManager
     from samplan.inference.ensemble import ensemble_folders
@@ -105,7 +108,7 @@ def predict_best(dataset: str | int, input_dir: str | Path, output_dir: str | Pa
     labels_pp = [int(v) for v in best["postprocessing"]["keep_largest_component"]]
     direct = len(members) == 1 and not labels_pp
     print(f"best: {best['name']} (folds {', '.join(folds)})")
-    predictors = [_member_predictor(d, folds, output_dir, device, precision, tta) for d in members]
+    predictors = [_member_predictor(d, folds, output_dir, device, precision, tta, encoder_engine) for d in members]
     member_dirs = []
     for d, predictor in zip(members, predictors):
         target = output_dir if direct else output_dir / "members" / _slug(d["name"])

@@ -20,6 +20,7 @@ from samplan.methods.medsam.plan import MedSAMSection
 from samplan.methods.sam_common.decoding import channels_last, decode_boxes
 from samplan.methods.sam_common.plan import litemedsam_margin_px
 from samplan.methods.sam_common.slice_input import box_scale, encoder_input, logits_to_slice
+from samplan.models.encoder_engine import prediction_encoder
 from samplan.prompts.boxes import box_area, full_image_box, propagate, scale_box
 from samplan.prompts.case_prompts import CasePrompts, ReferencePromptSettings, reference_prompts
 
@@ -123,7 +124,8 @@ class SliceDecoder:
         self.spec = slice_input(section)
         self.shape = tuple(int(s) for s in data.shape[-2:])
         self.scale = box_scale(*self.shape, int(section.input_size))
-        self.encoder = channels_last(network.image_encoder)
+        # eager, or ONNX Runtime when the Predictor chose that engine (samplan.models.encoder_engine)
+        self.encoder = prediction_encoder(channels_last(network.image_encoder))
         self.valid: tuple[int, int] = (0, 0)
         self._kept: dict[int, torch.Tensor] = {}
 

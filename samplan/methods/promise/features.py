@@ -12,11 +12,12 @@ from typing import Sequence
 
 import torch
 
-from samplan.methods.promise.network import PromiseNet, slice_input
+from samplan.methods.promise.network import ImageFeatures, PromiseNet, slice_input
 from samplan.methods.promise.plan import WEIGHTS_BUFFER, PromiseSection
 from samplan.methods.sam_common.decoding import channels_last
 from samplan.methods.sam_common.embedding_cache import EmbeddingCache, autocast_name, embedding_key, weights_identity
 from samplan.methods.sam_common.slice_input import encoder_input
+from samplan.models.encoder_engine import prediction_encoder
 
 FEATURE_FOLDER = "promise_features"  # beside the configuration's cache folder in the preprocessed dataset
 
@@ -41,10 +42,14 @@ def encode_slices(network: PromiseNet, slices: Sequence[torch.Tensor], section: 
     spec = slice_input(section)
     batch = max(1, int(section.encoder_batch_size))
     channels_last(network.sam.image_encoder)
+    # at prediction, the Predictor's encoder engine may run this on ONNX Runtime (samplan.models.encoder_engine)
+    encode = prediction_encoder(ImageFeatures(network), tag=f"promise blocks {network.blocks}",
+                                weights=network.sam.image_encoder)
     embs, feats = [], []
     for s in range(0, len(slices), batch):
         x = torch.cat([encoder_input(sl[None].float(), spec)[0] for sl in slices[s:s + batch]])
-        e, f = network.encode(x.to(device).contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():  # as PromiseNet.encode: the SAM is frozen
+            e, f = encode(x.to(device).contiguous(memory_format=torch.channels_last))
         embs.append(e)
         feats.append(f)
     return torch.cat(embs), torch.cat(feats)

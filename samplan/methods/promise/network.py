@@ -131,15 +131,7 @@ class PromiseNet(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder input `(B, 3, S, S)` -> (embedding `(B, D, h, w)`, APM features `(B, F, h, w)`) in float32."""
-        neck, blocks = encoder_features(self.sam.image_encoder, images, self.blocks)
-        grid = neck.shape[-2:]
-        feats = []
-        for f in blocks:
-            f = f.permute(0, 3, 1, 2).float()  # (B, E, H', W'), channels first
-            if tuple(f.shape[-2:]) != tuple(grid):
-                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-            feats.append(f)
-        return neck.float(), torch.cat(feats, 1)
+        return image_features(self.sam.image_encoder, images, self.blocks)
 
     def regressed_prompts(self, features: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The APM's prompts per image and output (input pixels) and presence logits `(B, K)`."""
@@ -231,3 +223,30 @@ def initialize_promise(network: PromiseNet, section: PromiseSection) -> str:
     return (f"promise ({section.mode}): {spec.name} at {section.input_size} px, {source} (sha256 {identity[:12]}); "
             f"{frozen:,} SAM parameters frozen, {trainable:,} trainable ({', '.join(modules)}); prompts: "
             f"{section.prompt.output}")
+
+
+def image_features(encoder: nn.Module, images: torch.Tensor, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder input `(B, 3, S, S)` -> (embedding `(B, D, h, w)`, features of `blocks` `(B, F, h, w)`) in float32."""
+    neck, outs = encoder_features(encoder, images, blocks)
+    grid = neck.shape[-2:]
+    feats = []
+    for f in outs:
+        f = f.permute(0, 3, 1, 2).float()  # (B, E, H', W'), channels first
+        if tuple(f.shape[-2:]) != tuple(grid):
+            f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+        feats.append(f)
+    return neck.float(), torch.cat(feats, 1)
+
+
+class ImageFeatures(nn.Module):
+    """`PromiseNet.encode` as a module holding only the frozen image encoder (what the ONNX engine exports)."""
+
+    def __init__(self, network: PromiseNet):
+        super().__init__()
+        self.encoder = network.sam.image_encoder
+        self.blocks = list(network.blocks)
+        self.training = self.encoder.training  # the flag only: the encoder's own mode is left alone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, 3, S, S)` -> (embedding, features), as PromiseNet.encode."""
+        return image_features(self.encoder, images, self.blocks)

@@ -13,6 +13,7 @@ from samplan.methods.sam_common.plan import litemedsam_margin_px
 from samplan.methods.sam_common.slice_input import box_scale, encoder_input, logits_to_slice, longest_side_shape
 from samplan.methods.samzeroshot.network import slice_input
 from samplan.methods.samzeroshot.plan import WEIGHTS_BUFFER, SAMZeroShotSection
+from samplan.models.encoder_engine import prediction_encoder
 from samplan.prompts.boxes import propagate, scale_box
 from samplan.prompts.case_prompts import CasePrompts
 
@@ -46,7 +47,8 @@ def embed_case(network: nn.Module, data: torch.Tensor, section: SAMZeroShotSecti
     batch = max(1, int(section.encoder_batch_size))
     spec = slice_input(section)
     out: dict[int, torch.Tensor] = {}
-    encoder = channels_last(network.image_encoder)
+    # eager, or ONNX Runtime when the Predictor chose that engine (samplan.models.encoder_engine)
+    encoder = prediction_encoder(channels_last(network.image_encoder))
     with torch.no_grad():
         for s in range(0, len(wanted), batch):
             idx = wanted[s:s + batch]
