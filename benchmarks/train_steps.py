@@ -8,8 +8,9 @@ method ("2d" for the SAM methods, else the method's first configuration) in --wo
 network and optimiser exactly as `samplan_train` does (plans' batch, recipe, --precision) and times --steps calls of
 the method's train_step on the same pre-built batches (loading is outside the timing); the first step is reported
 separately (optimiser state allocation). The variants alternate (off, on, off, on ...) so that drift in the
-machine's load hits both: "ftz off" is torch's default, "ftz on" is what the trainer does on a CPU
-(samplan.devices.flush_denormals). Columns: method, precision, variant, first step s, median of the other steps s,
+machine's load hits both: "ftz off" is torch's default (what samplan trains with), "ftz on" flushes subnormals
+(`torch.set_flush_denormal(True)`). samplan does not turn it on: in the same process scipy's cKDTree (surface
+distances of the final validation's metrics) then crashes with a segmentation fault. Columns: method, precision, variant, first step s, median of the other steps s,
 and the ratio off/on of the medians.
 """
 from __future__ import annotations

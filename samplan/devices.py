@@ -101,13 +101,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     if dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def flush_denormals(device: torch.device) -> bool:
-    """On the CPU, treat subnormal floats as zero (FTZ/DAZ) in this process; returns whether it is on.
-
-    Adam-type optimiser states (exp_avg_sq ~ g**2) and small activations can drift into subnormal range, where x86
-    cores take far longer per operation; on this project's 2-core machine a medsam training step got 7 % faster
-    (benchmarks/train_steps.py). Values below 1.2e-38 become 0, which changes no result that matters.
-    """
-    return device.type == "cpu" and bool(torch.set_flush_denormal(True))

@@ -20,7 +20,7 @@ import torch
 
 from samplan.dataset.dataset_json import read_case_groups
 from samplan.dataset.labels import LabelManager
-from samplan.devices import autocast_dtype, flush_denormals
+from samplan.devices import autocast_dtype
 from samplan.engine.optim import seed_everything
 from samplan.engine.recipe import TrainingRecipe
 from samplan.errors import SamplanError
@@ -214,7 +214,6 @@ def train(s: FoldSetup, dev: torch.device, *, epochs: int | None = None, iters_p
         raise SamplanError("--pretrained-weights starts a new training; it cannot be combined with --c.")
     workers = default_num_workers(dev) if num_workers is None else max(int(num_workers), 0)
     main = dist is None or dist.is_main
-    flush_denormals(dev)
     # a missing package fails here, before anything is written
     tracking = make_tracker(tracker if main else "none", s.fold_dir)
     logger, state = _open_log(s, continue_training, dist)
