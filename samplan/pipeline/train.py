@@ -66,7 +66,7 @@ def train_fold(
     if only_validate:  # before the lock, which would create the fold folder of a fold never trained
         load_checkpoint(s.fold_dir / "checkpoint_final.pth")
     torchrun = from_environment()
-    parallel = s.method.needs_training and not only_validate and (torchrun is not None or num_devices > 1)
+    parallel = (torchrun is not None or num_devices > 1) and not only_validate and s.method.needs_training
     train_args = dict(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                       continue_training=continue_training, pretrained_weights=pretrained_weights, seed=seed,
                       num_workers=num_workers, precision=precision, tracker=tracker)
