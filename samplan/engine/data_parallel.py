@@ -59,11 +59,6 @@ def detach(network: nn.Module) -> None:
     network.__dict__.pop(_ATTACHED, None)
 
 
-def is_attached(network: nn.Module) -> bool:
-    """Whether a trainer attached DistributedDataParallel to `network`."""
-    return _ATTACHED in network.__dict__
-
-
 def training_loss(network: nn.Module, compute: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
     """`compute(network)` (a scalar loss); with gradients on and DDP attached, run through DDP and weighted by the
     rank's share of the global batch, so `backward()` leaves every rank with the global batch's mean gradient."""

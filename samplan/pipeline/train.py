@@ -75,8 +75,7 @@ def train_fold(
                          torchrun.world_size if torchrun else num_devices)
     if torchrun is not None and not torchrun.is_main:  # rank 0 holds the fold's lock and validates
         if parallel:
-            train_rank(torchrun.rank, torchrun.world_size, dataset, method_name, configuration, fold,
-                       method_overrides, device, train_args, torchrun.local_rank)
+            train_in_group(s, torchrun, device, train_args)
         return s.fold_dir
     # prepare_fold writes nothing; one training (or validation) of a fold at a time from here on
     with exclusive_lock(s.fold_dir / LOCK_NAME, f"training {s.model_dir.name} fold {s.fold} of {s.dataset_name}"):
@@ -85,14 +84,12 @@ def train_fold(
             return write_untrained_fold(s, seed)
         if only_validate or parallel:
             if parallel and torchrun is not None:
-                train_rank(0, torchrun.world_size, dataset, method_name, configuration, fold, method_overrides, device,
-                           train_args, torchrun.local_rank)
+                train_in_group(s, torchrun, device, train_args)
             elif parallel:
                 launch(num_devices, train_rank, (dataset, method_name, configuration, fold, method_overrides, device,
                                                  train_args))
-            logger = TrainingLogger(s.fold_dir, echo=False)
+            logger = TrainingLogger(s.fold_dir)
             logger.load_state_dict(load_checkpoint(s.fold_dir / "checkpoint_final.pth")["logging"])
-            logger.echo = True
         else:
             logger = train(s, dev, **train_args)
         if final_validation or only_validate:
@@ -101,16 +98,24 @@ def train_fold(
 
 
 def train_rank(rank: int, world_size: int, dataset: str | int, method_name: str, configuration: str | None,
-               fold: int | str, method_overrides: dict[str, Any] | None, device: str, train_args: dict[str, Any],
-               local_rank: int | None = None) -> None:
-    """One process of a data-parallel training: join the group, train on this rank's share, leave the group.
-
-    Spawned by `launch` (module level, so that it pickles) or called by each torchrun process. A SamplanError is
-    printed by the rank that met it, which then exits with status 1 (launch stops the others).
-    """
-    ctx = DistributedContext(rank, world_size, rank if local_rank is None else local_rank)
+               fold: int | str, method_overrides: dict[str, Any] | None, device: str,
+               train_args: dict[str, Any]) -> None:
+    """A process spawned by `launch` (module level, so that it pickles): resolve the fold, then `train_in_group`."""
+    ctx = DistributedContext(rank, world_size, rank)
     try:
         s = prepare_fold(dataset, method_name, configuration, fold, method_overrides)
+    except SamplanError as e:
+        print(f"error (training rank {rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    train_in_group(s, ctx, device, train_args)
+
+
+def train_in_group(s: FoldSetup, ctx: DistributedContext, device: str, train_args: dict[str, Any]) -> None:
+    """One process of a data-parallel training: join the group, train on this rank's share, leave the group.
+
+    A SamplanError is printed by the rank that met it, which then exits with status 1 (launch stops the others).
+    """
+    try:
         dev = rank_device(device, ctx)
         init_process_group(ctx, dev)
         try:
@@ -118,7 +123,7 @@ def train_rank(rank: int, world_size: int, dataset: str | int, method_name: str,
         finally:
             destroy_process_group()
     except SamplanError as e:
-        print(f"error (training rank {rank}): {e}", file=sys.stderr, flush=True)
+        print(f"error (training rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

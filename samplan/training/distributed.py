@@ -78,14 +78,6 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op outside a group)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def broadcast(value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the precision its probe chose), or `value` outside a group."""
     import torch.distributed as dist
