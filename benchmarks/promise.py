@@ -8,7 +8,10 @@ Rows, all with LiteMedSAM's real weights and evaluated on the fold's validation 
 2. medsam fine-tuned with the whole-image box, `--epochs x --iters` iterations of batch 4 (image encoder and mask
    decoder trained);
 3. promise apm and 4. promise apm_ips, the same number of iterations (batch 8, frozen SAM, cached features);
-5. promise apm_ips with `--long-epochs` epochs (about the medsam row's wall time, when the iterations are cheap).
+5. promise apm_ips with `--long-epochs` epochs (about the medsam row's wall time, when the iterations are cheap);
+6. (`--rows ...,long_regression`) row 5 with the paper's readout, the box regressed by global pooling and a linear
+   layer, where the plan reads it from the APM's heatmap (box prompts);
+7. (`--rows ...,long_ips_full_lr`) row 5 with the IPS at the APM's learning rate (`recipe.ips_lr_scale` 1).
 The first promise row also encodes every image once into the feature cache, which the later promise rows reuse
 (same frozen SAM). Every training row is `train_fold` (what `samplan_train` runs) plus its final validation; the time column is the
 wall time of that row (planning excluded), measured in this one run: compare rows, not runs.
@@ -88,11 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         if mode in wanted:
             rows.append(_train_row(f"promise {mode} {n} it lr {lr:g}", args.dataset, "promise", args.fold,
                                    args.epochs, args.iters, {**promise, "mode": mode}))
+    long_lr = lr if args.long_lr is None else args.long_lr
+    readout = plans["methods"]["promise"]["apm"]["readout"]
     if "long" in wanted and args.long_epochs:
-        long_lr = lr if args.long_lr is None else args.long_lr
-        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g}", args.dataset,
-                               "promise", args.fold, args.long_epochs, args.iters,
+        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} ({readout})",
+                               args.dataset, "promise", args.fold, args.long_epochs, args.iters,
                                {"recipe": {"optimizer": {"lr": long_lr}}, "mode": "apm_ips"}))
+    if "long_regression" in wanted and args.long_epochs and readout != "regression":
+        # the paper's readout (global pooling + linear layer regress the box) at the same budget: the A/B
+        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} (regression)",
+                               args.dataset, "promise", args.fold, args.long_epochs, args.iters,
+                               {"recipe": {"optimizer": {"lr": long_lr}, "loss": {"weight_heatmap": 0.0}},
+                                "mode": "apm_ips", "apm": {"readout": "regression"}}))
+    if "long_ips_full_lr" in wanted and args.long_epochs:
+        # the A/B of recipe.ips_lr_scale: row 5 with the IPS at the APM's rate
+        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} (IPS at 1x lr)",
+                               args.dataset, "promise", args.fold, args.long_epochs, args.iters,
+                               {"recipe": {"optimizer": {"lr": long_lr}, "ips_lr_scale": 1.0}, "mode": "apm_ips"}))
     splits = load_json(pre / "splits_final.json")
     grouped = f", grouped by {args.case_groups}" if args.case_groups else ""
     print_table(f"{args.dataset}, fold {args.fold}: {len(splits[args.fold]['train'])} training / "

@@ -8,9 +8,7 @@ import json
 import pickle
 import shutil
 from collections import namedtuple
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import plan_quickly

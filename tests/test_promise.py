@@ -71,7 +71,9 @@ def _whole_slice_batch(prepared, key: str, n: int = 2) -> dict:
 def test_plan_follows_the_paper_and_chooses_the_prompt_from_the_backbone(prepared):
     s = prepared["plans_png"]["methods"]["promise"]
     assert s["mode"] == "apm_ips" and s["backbone"] == "litemedsam" and s["input_size"] == 256
-    assert s["recipe"]["optimizer"] == {"name": "Adam", "lr": 1e-5, "weight_decay": 0.0}
+    # CPU budget: the APM at 1e-3, the IPS at the paper's 1e-5; a GPU plan keeps the paper's 1e-5 for both
+    assert s["recipe"]["optimizer"] == {"name": "Adam", "lr": 1e-3, "weight_decay": 0.0}
+    assert s["recipe"]["ips_lr_scale"] == 0.01 and "collapsed" in s["recipe"]["ips_lr_reason"]
     assert s["batch_size"] == 8 and s["postprocessing"]["opening_kernel_px"] == 5
     assert s["apm"]["conv_channels"] == 256 and s["apm"]["resnet_layers"] == [3, 4, 6, 3]
     assert s["prompt"]["output"] == "box" and "answers points poorly" in s["prompt"]["output_reason"]
@@ -84,6 +86,7 @@ def test_plan_follows_the_paper_and_chooses_the_prompt_from_the_backbone(prepare
     base = {k: v for k, v in prepared["plans_png"].items() if k != "methods"}
     gpu = promise_plan.plan_section(fp, base, ComputeBudget.for_device("cuda"), load_json(prepared["png"] / "dataset.json"))
     assert gpu.image_augmentation is True
+    assert gpu.recipe.optimizer.lr == 1e-5 and gpu.recipe.ips_lr_scale == 1.0
     # another backbone than the planned one gets its own blocks and prompt type
     mp = bind(get_method("promise"), tiny_plans(prepared["plans_png"]))
     assert mp.section.apm.feature_blocks == [1, 2, 3] and mp.section.prompt.output == "points"
@@ -95,9 +98,12 @@ def test_sam_is_frozen_and_one_step_changes_only_apm_and_ips(prepared):
     method = get_method("promise")
     assert all(not p.requires_grad for p in net.sam.parameters())
     recipe = method.training_recipe(mp, None)
-    opt = recipe.make_optimizer(net.parameters())
+    opt = recipe.make_optimizer(recipe.param_groups(net))  # as the trainer builds it
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     new = {id(p) for m in (net.apm, net.ips) for p in m.parameters()}
+    ids = {m: {id(p) for p in getattr(net, m).parameters()} for m in ("apm", "ips")}
+    lrs = {m: [g["lr"] for g in opt.param_groups if {id(p) for p in g["params"]} <= ids[m]] for m in ids}
+    assert lrs == {"apm": [1e-3], "ips": [pytest.approx(1e-5)]}  # the IPS at the planned share of the APM's rate
     assert in_opt == new and not in_opt & {id(p) for p in net.sam.parameters()}
     before = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
@@ -253,3 +259,70 @@ def test_box_term_pulls_the_regressed_box_towards_the_tight_box():
     exact = loss(logits, target, None, {"box": torch.tensor([[[30.0, 10.0, 49.0, 19.0]]])})
     off = loss(logits, target, None, {"box": torch.tensor([[[0.0, 0.0, 63.0, 63.0]]])})
     assert torch.isclose(exact, PromiseLoss(1.0, 1.0, 1.0)(logits, target, None)) and off > exact + 0.2
+
+
+def test_soft_box_reads_the_extent_of_a_known_map_and_passes_gradients():
+    from samplan.methods.promise.network import soft_box
+
+    prob = torch.zeros(2, 1, 16, 24)
+    prob[0, 0, 3:9, 5:12] = 1.0  # rows 3..8, columns 5..11
+    prob[1, 0, 3:9, 5:12] = 0.01  # the same shape, faint: still its extent (presence decides whether it counts)
+    box = soft_box(prob)
+    assert box[0, 0].tolist() == [5.0, 3.0, 12.0, 9.0]  # x0, y0 at the first occupied cell, x1, y1 past the last
+    assert torch.allclose(box[1, 0], box[0, 0])
+    flat = torch.full((1, 16, 24), 0.05)
+    assert soft_box(flat)[0].tolist() == [0.0, 0.0, 24.0, 16.0]  # a flat map: the whole grid
+    blob = torch.full((1, 16, 24), 0.1)
+    blob[0, 6:10, 8:14] = 0.9
+    blob.requires_grad_(True)
+    b = soft_box(blob)
+    assert 4.0 < b[0, 0].item() < 8.0 and 14.0 < b[0, 2].item() < 19.0  # soft: background widens it a little
+    b[0, 0].backward()
+    assert blob.grad is not None and bool(blob.grad.abs().sum() > 0)
+
+
+def test_box_prompts_come_from_a_trained_heatmap(prepared):
+    """A box-trained backbone gets the heatmap readout; one step trains the heatmap and the convolutions under it
+    (no SAM weight), and the box SAM receives is the heatmap's soft extent."""
+    from samplan.methods.promise.network import soft_box
+    from samplan.methods.promise.train import PromiseLoss
+
+    s = prepared["plans_png"]["methods"]["promise"]
+    assert s["apm"]["readout"] == "heatmap" and s["recipe"]["loss"]["weight_heatmap"] == 1.0
+    assert promise_plan.apm_readout(promise_plan.prompt_output(backbone_spec("vit_b"))[0])[0] == "regression"
+    plans = tiny_plans(prepared["plans_png"], backbone="tiny_litemedsam", recipe={"optimizer": {"lr": 1e-3}})
+    mp, net = _network(plans)
+    assert mp.section.apm.readout == "heatmap" and mp.section.prompt.output == "box"
+    assert net.apm.n_values == 1  # the linear layer regresses the presence logit only
+    method = get_method("promise")
+    recipe = method.training_recipe(mp, None)
+    opt = recipe.make_optimizer(net.parameters())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    out = method.train_step(net, _whole_slice_batch(prepared, "png"), recipe, opt, CPU, mp)
+    assert np.isfinite(out["loss"])
+    changed = {k for k, v in net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(before[k], v)}
+    assert {"apm.heatmap.weight", "apm.heatmap.bias"} <= changed and any(k.startswith("apm.reduce.") for k in changed)
+    assert not [k for k in changed if k.startswith("sam.")]
+    net.eval()
+    with torch.no_grad():
+        emb, feats = net.encode(torch.randn(2, 3, mp.section.input_size, mp.section.input_size))
+        prompts, _ = net.regressed_prompts(feats)
+        heat = prompts["heatmap"]
+        cells = soft_box(torch.sigmoid(heat)) * (mp.section.input_size / heat.shape[-1])
+        expect = torch.stack([cells[..., [0, 2]].amin(-1), cells[..., [1, 3]].amin(-1),
+                              cells[..., [0, 2]].amax(-1), cells[..., [1, 3]].amax(-1)], -1)
+    assert torch.allclose(prompts["box"], expect)
+    # the heatmap term: a map matching the target's cells costs less than a flat one
+    target = torch.zeros(1, 1, 64, 64)
+    target[0, 0, 16:32, 8:40] = 1
+    match = torch.full((1, 1, 16, 16), -8.0)
+    match[0, 0, 4:8, 2:10] = 8.0
+    loss = PromiseLoss(0.0, 0.0, 0.0, weight_heatmap=1.0)
+    logits = torch.zeros(1, 1, 64, 64)
+    assert loss(logits, target, None, {"heatmap": match}) + 0.5 < loss(logits, target, None,
+                                                                        {"heatmap": torch.zeros(1, 1, 16, 16)})
+    hand_edited = copy.deepcopy(prepared["plans_png"])  # the planned backbone, points asked for by hand
+    hand_edited["methods"]["promise"]["prompt"]["output"] = "points"
+    with pytest.raises(SamplanError, match="apm.readout"):
+        _network(hand_edited)

@@ -33,7 +33,7 @@ class PromiseMethod(TrainableMethod):
 
     def resolve(self, section: plan.PromiseSection) -> plan.PromiseSection:
         """The backbone's canonical name and input size; another backbone than the planned one (--backbone) gets
-        its own feature blocks, prompt type and box-loss weight."""
+        its own feature blocks, prompt type, APM readout and box/heatmap loss weights."""
         from samplan.models.specs import backbone_spec
 
         section, spec = resolved_model_section(section, self.name)
@@ -42,8 +42,11 @@ class PromiseMethod(TrainableMethod):
         blocks, why = plan.feature_blocks(spec)
         output, output_why = plan.prompt_output(spec)
         weight, weight_why = plan.box_loss_weight(output)
-        loss = section.recipe.loss.replace(weight_box=weight, weight_box_reason=weight_why)
-        return section.replace(apm=section.apm.replace(feature_blocks=blocks, feature_blocks_reason=why),
+        readout, readout_why = plan.apm_readout(output)
+        loss = section.recipe.loss.replace(weight_box=weight, weight_box_reason=weight_why,
+                                           weight_heatmap=plan.heatmap_loss_weight(readout))
+        return section.replace(apm=section.apm.replace(feature_blocks=blocks, feature_blocks_reason=why,
+                                                       readout=readout, readout_reason=readout_why),
                                prompt=section.prompt.replace(output=output, output_reason=output_why),
                                recipe=section.recipe.replace(loss=loss))
 

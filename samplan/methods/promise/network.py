@@ -29,10 +29,34 @@ def slice_input(section: PromiseSection) -> SamInput:
 
 
 def prompt_values(section: PromiseSection) -> int:
-    """Numbers the APM regresses per foreground output: point coordinates, box corners, one presence logit."""
+    """Numbers the APM's linear layer regresses per foreground output: point coordinates, box corners (unless the
+    box is read from the heatmap), one presence logit."""
     p = section.prompt
     points = 2 * (p.num_positive + p.num_negative) if "points" in p.output else 0
-    return points + (4 if "box" in p.output else 0) + 1
+    return points + (4 if regresses_box(section) else 0) + 1
+
+
+def regresses_box(section: PromiseSection) -> bool:
+    """True when the linear layer regresses the box (readout "regression"); "heatmap" reads it from a map."""
+    return "box" in section.prompt.output and section.apm.readout == "regression"
+
+
+def soft_box(prob: torch.Tensor) -> torch.Tensor:
+    """Foreground probabilities `(..., h, w)` -> the box `(..., 4)` (x0, y0, x1, y1) of their occupied rows and
+    columns, in grid cells, differentiable: a column counts as occupied with its largest probability relative to the
+    map's largest (so the most likely cell is always inside and a flat map gives the whole grid: whether the output
+    is present at all is the presence logit's call), x0 is the expected number of empty columns before the first
+    occupied one (the sum of the running products of 1 - occupancy) and x1 the grid width less the expected empty
+    columns after the last."""
+    prob = prob / prob.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
+    cols, rows = prob.amax(-2), prob.amax(-1)  # (..., w), (..., h)
+
+    def leading_empty(occupied: torch.Tensor) -> torch.Tensor:
+        return torch.cumprod(1 - occupied, -1).sum(-1)
+
+    w, h = cols.shape[-1], rows.shape[-1]
+    return torch.stack([leading_empty(cols), leading_empty(rows), w - leading_empty(cols.flip(-1)),
+                        h - leading_empty(rows.flip(-1))], -1)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -40,12 +64,14 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class APM(nn.Module):
-    """Intermediate encoder features `(B, F, h, w)` -> prompt parameters `(B, K, P)` (before the sigmoid).
+    """Intermediate encoder features `(B, F, h, w)` -> prompt parameters `(B, K, P)` (before the sigmoid), and with
+    readout "heatmap" a foreground logit map `(B, K, h, w)` per output.
 
     Three 3x3 convolutions to `width` channels, then torchvision's ResNet (BasicBlocks, `layers`; its stem takes
     `width` channels), global pooling and a linear layer. The linear layer starts near zero with biases that put the
     box on the whole image, positive points near the centre and negative points near the corners, so training
-    starts from a sensible prompt.
+    starts from a sensible prompt. The heatmap is a 1x1 convolution of the three convolutions' output (the box is
+    its soft extent, `soft_box`).
     """
 
     def __init__(self, in_channels: int, width: int, layers: list[int], section: PromiseSection, n_fg: int):
@@ -58,13 +84,19 @@ class APM(nn.Module):
         head = ResNet(BasicBlock, list(layers), num_classes=n_fg * self.n_values)
         head.conv1 = nn.Conv2d(width, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.head = head
+        self.heatmap = nn.Conv2d(width, n_fg, 1) if section.apm.readout == "heatmap" else None
         with torch.no_grad():
             head.fc.weight.normal_(0.0, 1e-3)
             head.fc.bias.copy_(initial_bias(section).repeat(n_fg))
+            if self.heatmap is not None:  # default weights (a readable map from the first step), no bias
+                nn.init.zeros_(self.heatmap.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """`(B, F, h, w)` -> `(B, K, P)` raw values (coordinates as logits of the input fraction, presence logit)."""
-        return self.head(self.reduce(features)).view(features.shape[0], self.n_fg, self.n_values)
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, F, h, w)` -> (`(B, K, P)` raw values: coordinates as logits of the input fraction, presence logit;
+        the heatmap logits `(B, K, h, w)` or None)."""
+        x = self.reduce(features)
+        raw = self.head(x).view(features.shape[0], self.n_fg, self.n_values)
+        return raw, (self.heatmap(x) if self.heatmap is not None else None)
 
 
 def initial_bias(section: PromiseSection) -> torch.Tensor:
@@ -77,7 +109,7 @@ def initial_bias(section: PromiseSection) -> torch.Tensor:
             angles = torch.arange(n) * (2 * math.pi / max(n, 1))
             xy = torch.stack([0.5 + radius * torch.cos(angles), 0.5 + radius * torch.sin(angles)], 1)
             parts.append(torch.logit(xy.clamp(0.02, 0.98)).reshape(-1))
-    if "box" in p.output:
+    if regresses_box(section):
         parts.append(torch.logit(torch.tensor([0.02, 0.02, 0.98, 0.98])))
     parts.append(torch.full((1,), PRESENCE_START))
     return torch.cat(parts)
@@ -134,15 +166,21 @@ class PromiseNet(nn.Module):
         return image_features(self.sam.image_encoder, images, self.blocks)
 
     def regressed_prompts(self, features: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The APM's prompts per image and output (input pixels) and presence logits `(B, K)`."""
-        raw = self.apm(features.float())
+        """The APM's prompts per image and output (input pixels; with readout "heatmap" also its logits under
+        "heatmap", for the loss) and presence logits `(B, K)`."""
+        raw, heat = self.apm(features.float())
         xy = torch.sigmoid(raw[..., :-1]) * self.input_size
         prompts: dict[str, torch.Tensor] = {}
         n_pts = 2 * (self.num_positive + self.num_negative) if "points" in self.output else 0
         if n_pts:
             prompts["points"] = xy[..., :n_pts].reshape(*xy.shape[:2], -1, 2)
         if "box" in self.output:
-            c = xy[..., n_pts:n_pts + 4]
+            if heat is not None:
+                prompts["heatmap"] = heat
+                scale = heat.new_tensor([self.input_size / heat.shape[-1], self.input_size / heat.shape[-2]] * 2)
+                c = soft_box(torch.sigmoid(heat.float())) * scale
+            else:
+                c = xy[..., n_pts:n_pts + 4]
             prompts["box"] = torch.stack([torch.minimum(c[..., 0], c[..., 2]), torch.minimum(c[..., 1], c[..., 3]),
                                           torch.maximum(c[..., 0], c[..., 2]), torch.maximum(c[..., 1], c[..., 3])], -1)
         return prompts, raw[..., -1]
@@ -200,6 +238,9 @@ def build_promise(section: PromiseSection, num_outputs: int) -> PromiseNet:
     if len(section.prompt.label_groups) != n_fg:
         raise SamplanError(f"the promise plan has {len(section.prompt.label_groups)} label groups for {n_fg} "
                            "foreground outputs; re-plan.")
+    if section.apm.readout == "heatmap" and "box" not in section.prompt.output:
+        raise SamplanError(f"promise apm.readout 'heatmap' gives a box, but prompt.output is "
+                           f"{section.prompt.output!r}; set apm.readout to 'regression' in the plan.")
     sam = build_sam_model(section.backbone, input_size=section.input_size).eval()
     for p in sam.parameters():
         p.requires_grad_(False)

@@ -27,28 +27,41 @@ from samplan.methods.promise.plan import PromiseSection
 from samplan.methods.sam_common.slice_input import logits_at_input, masks_to_input
 
 
+def parameter_groups(net: PromiseNet, ips_lr_scale: float) -> list[dict[str, Any]]:
+    """The APM at the optimiser's learning rate, the IPS at `ips_lr_scale` x it (frozen SAM: in no group)."""
+    groups = [(net.apm, 1.0), (net.ips, float(ips_lr_scale))]
+    return [{"params": list(m.parameters()), "lr_scale": scale} for m, scale in groups if m is not None]
+
+
 def promise_recipe(section: PromiseSection, cfg: Mapping[str, Any]) -> TrainingRecipe:
-    """Adam over the APM/IPS parameters, the planned schedule, BCE + Dice; augmentation only when planned."""
+    """Adam over the APM (planned lr) and IPS (planned share of it), the planned schedule, BCE + Dice; augmentation
+    only when planned."""
     r = section.recipe
+    ips_lr_scale = float(r.ips_lr_scale)
     aug = slice_augmentation(r.augmentation_params) if section.image_augmentation else {}
     return TrainingRecipe(
-        loss=LOSSES[r.loss.name](r.loss.weight_bce, r.loss.weight_dice, r.loss.weight_presence, r.loss.weight_box),
+        loss=LOSSES[r.loss.name](r.loss.weight_bce, r.loss.weight_dice, r.loss.weight_presence, r.loss.weight_box,
+                                 r.loss.weight_heatmap),
         make_optimizer=make_optimizer(r.optimizer), make_scheduler=make_schedule(r.lr_schedule),
         num_epochs=int(r.num_epochs), iterations_per_epoch=int(r.num_iterations_per_epoch),
         val_iterations_per_epoch=int(r.num_val_iterations_per_epoch), batch_size=int(section.batch_size),
         patch_size=tuple(int(p) for p in cfg["patch_size"]), oversample_foreground=float(r.foreground_slice_fraction),
-        augmentation=aug, mirror_axes=tuple(aug.get("mirror_axes", ())), grad_clip=None)
+        augmentation=aug, mirror_axes=tuple(aug.get("mirror_axes", ())), grad_clip=None,
+        param_groups=lambda net: parameter_groups(net, ips_lr_scale))
 
 
 class PromiseLoss(torch.nn.Module):
     """weight_bce * BCE + weight_dice * soft Dice of mask logits `(B, K, S, S)` on the present outputs, plus
     weight_presence * BCE of presence logits `(B, K)` (None: oracle prompts, no presence), plus weight_box * L1
-    between a regressed box and the target's tight box (fractions of the input side) on the present outputs."""
+    between a regressed box and the target's tight box (fractions of the input side) on the present outputs, plus
+    weight_heatmap * (BCE on every output + soft Dice on the present ones) of the APM's heatmap against the target's
+    share of each grid cell (readout "heatmap")."""
 
     def __init__(self, weight_bce: float, weight_dice: float, weight_presence: float, weight_box: float = 0.0,
-                 smooth: float = 1.0):
+                 weight_heatmap: float = 0.0, smooth: float = 1.0):
         super().__init__()
         self.wb, self.wd, self.wp, self.wbox = float(weight_bce), float(weight_dice), float(weight_presence), float(weight_box)
+        self.wheat = float(weight_heatmap)
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, presence: torch.Tensor | None,
@@ -68,6 +81,18 @@ class PromiseLoss(torch.nn.Module):
                                                     tight_boxes(g) / size)
         if presence is not None:
             loss = loss + self.wp * F.binary_cross_entropy_with_logits(presence.float(), present.float())
+        if self.wheat and prompts is not None and "heatmap" in prompts:
+            loss = loss + self.wheat * self.heatmap_loss(prompts["heatmap"].float(), target, present)
+        return loss
+
+    def heatmap_loss(self, heat: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """BCE of heatmap logits `(B, K, h, w)` against the target's share of each cell, + soft Dice where present."""
+        share = F.adaptive_avg_pool2d(target, heat.shape[-2:])
+        loss = F.binary_cross_entropy_with_logits(heat, share)
+        if bool(present.any()):
+            p, g = torch.sigmoid(heat[present]), share[present]
+            dice = 1 - (2 * (p * g).sum((1, 2)) + self.smooth) / (p.sum((1, 2)) + g.sum((1, 2)) + self.smooth)
+            loss = loss + dice.mean()
         return loss
 
 
