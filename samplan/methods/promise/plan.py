@@ -182,8 +182,8 @@ def apm_readout(output: str) -> tuple[str, str]:
         return "heatmap", ("an addition for box prompts: a 1x1 convolution after the APM's three convolutions maps "
                            "foreground on the embedding grid (supervised by the target on that grid) and the box is "
                            "its soft extent, still differentiable for the mask loss; global pooling and a linear "
-                           "layer (the paper) regress a box from few images slowly (CVC: 0.28 Dice after 600 "
-                           "iterations against 0.45 for the medsam fine-tune)")
+                           "layer (the paper) regress a box from few images slowly (CVC fold 0, 32 images, 120 "
+                           "iterations: Dice 0.59 from the heatmap, 0.12 regressed)")
     return "regression", "the paper's: global pooling and a linear layer regress the points"
 
 
