@@ -93,21 +93,20 @@ def main(argv: list[str] | None = None) -> int:
                                    args.epochs, args.iters, {**promise, "mode": mode}))
     long_lr = lr if args.long_lr is None else args.long_lr
     readout = plans["methods"]["promise"]["apm"]["readout"]
-    if "long" in wanted and args.long_epochs:
-        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} ({readout})",
+    long_recipe = {"optimizer": {"lr": long_lr}}
+    variants = [  # (row key, label, overrides beyond row 5's): row 5 and its A/Bs at the same budget
+        ("long", readout, {}),
+        # the paper's readout: global pooling + linear layer regress the box
+        ("long_regression", "regression",
+         {"recipe": {**long_recipe, "loss": {"weight_heatmap": 0.0}}, "apm": {"readout": "regression"}}),
+        ("long_ips_full_lr", "IPS at 1x lr", {"recipe": {**long_recipe, "ips_lr_scale": 1.0}}),
+    ]
+    for key, label, extra in variants:
+        if key not in wanted or not args.long_epochs or (key == "long_regression" and readout == "regression"):
+            continue
+        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} ({label})",
                                args.dataset, "promise", args.fold, args.long_epochs, args.iters,
-                               {"recipe": {"optimizer": {"lr": long_lr}}, "mode": "apm_ips"}))
-    if "long_regression" in wanted and args.long_epochs and readout != "regression":
-        # the paper's readout (global pooling + linear layer regress the box) at the same budget: the A/B
-        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} (regression)",
-                               args.dataset, "promise", args.fold, args.long_epochs, args.iters,
-                               {"recipe": {"optimizer": {"lr": long_lr}, "loss": {"weight_heatmap": 0.0}},
-                                "mode": "apm_ips", "apm": {"readout": "regression"}}))
-    if "long_ips_full_lr" in wanted and args.long_epochs:
-        # the A/B of recipe.ips_lr_scale: row 5 with the IPS at the APM's rate
-        rows.append(_train_row(f"promise apm_ips {args.long_epochs * args.iters} it lr {long_lr:g} (IPS at 1x lr)",
-                               args.dataset, "promise", args.fold, args.long_epochs, args.iters,
-                               {"recipe": {"optimizer": {"lr": long_lr}, "ips_lr_scale": 1.0}, "mode": "apm_ips"}))
+                               {"recipe": long_recipe, "mode": "apm_ips", **extra}))
     splits = load_json(pre / "splits_final.json")
     grouped = f", grouped by {args.case_groups}" if args.case_groups else ""
     print_table(f"{args.dataset}, fold {args.fold}: {len(splits[args.fold]['train'])} training / "

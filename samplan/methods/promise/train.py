@@ -72,9 +72,7 @@ class PromiseLoss(torch.nn.Module):
         loss = logits.new_zeros(())
         if bool(present.any()):
             lo, g = logits[present], target[present]  # (N, S, S)
-            p = torch.sigmoid(lo)
-            dice = 1 - (2 * (p * g).sum((1, 2)) + self.smooth) / (p.sum((1, 2)) + g.sum((1, 2)) + self.smooth)
-            loss = loss + self.wb * F.binary_cross_entropy_with_logits(lo, g) + self.wd * dice.mean()
+            loss = loss + self.wb * F.binary_cross_entropy_with_logits(lo, g) + self.wd * self.soft_dice(lo, g)
             if self.wbox and prompts is not None and "box" in prompts:
                 size = target.shape[-1]
                 loss = loss + self.wbox * F.l1_loss(prompts["box"][present].float() / size,
@@ -90,10 +88,14 @@ class PromiseLoss(torch.nn.Module):
         share = F.adaptive_avg_pool2d(target, heat.shape[-2:])
         loss = F.binary_cross_entropy_with_logits(heat, share)
         if bool(present.any()):
-            p, g = torch.sigmoid(heat[present]), share[present]
-            dice = 1 - (2 * (p * g).sum((1, 2)) + self.smooth) / (p.sum((1, 2)) + g.sum((1, 2)) + self.smooth)
-            loss = loss + dice.mean()
+            loss = loss + self.soft_dice(heat[present], share[present])
         return loss
+
+    def soft_dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - soft Dice of sigmoid(logits) `(N, h, w)` against `target`, averaged over the N maps."""
+        p = torch.sigmoid(logits)
+        dice = (2 * (p * target).sum((1, 2)) + self.smooth) / (p.sum((1, 2)) + target.sum((1, 2)) + self.smooth)
+        return (1 - dice).mean()
 
 
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-
 from samplan.dataset.dataset_json import channel_names, uses_regions
 from samplan.errors import SamplanError
 from samplan.experiment_planning.budget import ComputeBudget
