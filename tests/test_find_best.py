@@ -56,6 +56,45 @@ def test_find_best_compares_singles_cascades_and_ensembles_on_common_folds(repor
     assert dices == sorted(dices, reverse=True) and report["best"] == names[0]
 
 
+def test_each_candidate_carries_its_paired_difference_from_the_best(report):
+    keys = [k for k in report["labels"] if k != "0"]
+
+    def fg(c):  # per-case foreground Dice, computed here independently of find_best's helpers
+        out = {}
+        for r in c["per_case"]:
+            values = [r["metrics"][k]["Dice"] for k in keys if r["metrics"][k]["Dice"] is not None]
+            out[(r["fold"], r["case"])] = float(np.mean(values)) if values else np.nan
+        return out
+
+    best = fg(report["candidates"][0])
+    assert report["candidates"][0]["vs_best"] == {"difference": 0.0, "standard_error": 0.0, "cases": len(best)}
+    for c in report["candidates"][1:]:
+        mine = fg(c)
+        diffs = np.array([mine[k] - best[k] for k in sorted(mine) if not np.isnan(mine[k]) and not np.isnan(best[k])])
+        assert c["vs_best"]["cases"] == diffs.size and diffs.size > 1
+        assert c["vs_best"]["difference"] == pytest.approx(diffs.mean(), abs=1e-12)
+        assert c["vs_best"]["standard_error"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(diffs.size), abs=1e-12)
+
+
+def test_paired_difference_and_the_within_noise_list():
+    from samplan.pipeline.find_best import paired_difference, within_noise
+
+    def cases(dices, fold="0"):
+        return [{"fold": fold, "case": f"c{i}", "metrics": {"1": {"Dice": d}, "2": {"Dice": None}}}
+                for i, d in enumerate(dices)]
+
+    best = cases([0.9, 0.8, 0.7, 0.6])
+    other = cases([0.8, 0.6, 0.7, float("nan")])  # the NaN case has no foreground Dice: not paired
+    d = paired_difference(other, best, ["1", "2"])
+    assert d["cases"] == 3 and d["difference"] == pytest.approx(-0.1)
+    assert d["standard_error"] == pytest.approx(np.std([-0.1, -0.2, 0.0], ddof=1) / np.sqrt(3))
+    report = {"candidates": [{"name": "best", "vs_best": paired_difference(best, best, ["1"])},
+                             {"name": "close", "vs_best": {"difference": -0.01, "standard_error": 0.006}},
+                             {"name": "far", "vs_best": {"difference": -0.05, "standard_error": 0.006}},
+                             {"name": "one case", "vs_best": {"difference": 0.0, "standard_error": None}}]}
+    assert within_noise(report) == ["close"]
+
+
 def test_cascade_validation_uses_fold_k_models_on_fold_k_validation_cases(trained, report):
     ds, root = trained
     splits = load_json(root / "SAMPLAN_PREPROCESSED" / ds.name / "splits_final.json")
@@ -117,7 +156,7 @@ def test_instructions_round_trip_and_predict_best(trained, report, tmp_path):
     assert instructions["best"]["name"] == report["best"] and instructions["folds"] == ["0", "1"]
     assert instructions["commands"][0].startswith(f"samplan_predict -d {ds.name} --best")
     text = (root / "SAMPLAN_RESULTS" / ds.name / "inference_instructions.txt").read_text()
-    assert report["best"][:60] in text and "--best" in text
+    assert report["best"][:60] in text and "--best" in text and "vs best (SE)" in text
     images = tmp_path / "in"
     images.mkdir()
     for f in sorted((ds / "imagesTr").glob("*.nii.gz"))[:2]:
@@ -161,3 +200,17 @@ def test_find_best_without_running_leaves_out_what_is_missing(trained, report):
     assert any("medsam 2d <- unet 2d fold 1" in n and "--no-run" in n for n in again["notes"])
     assert any(n.startswith("medsam 2d <- unet 2d: no fold 1") for n in again["notes"])
     assert "medsam 2d <- unet 2d" not in [c["name"] for c in again["candidates"]]
+
+
+def test_find_best_makes_only_the_folds_asked_for(trained, report, monkeypatch):
+    import samplan.pipeline.find_best as fb
+
+    ds, _ = trained
+    cascade = next(c for c in report["candidates"] if c["name"] == "samzeroshot 2d <- unet 2d")
+    shutil.rmtree(cascade["folders"]["1"])  # fold 1 of the cascade is missing, and not asked for
+    made = []
+    monkeypatch.setattr(fb, "run_cascade_validation", lambda m, f, *a, **k: made.append((m.name, f)))
+    monkeypatch.setattr(fb, "run_single_validation", lambda m, f, *a, **k: made.append((m.name, f)))
+    again = fb.find_best(ds.name, folds=["0"], progress=False)
+    assert made == [] and again["folds"] == ["0"]
+    assert "samzeroshot 2d <- unet 2d" in [c["name"] for c in again["candidates"]]

@@ -108,6 +108,7 @@ def build_setup(raw: Path, pre: Path, results: Path) -> dict:
                    {f: find_best / "cascades" / "samzeroshot__2d__from__unet__3d_fullres" / f"fold_{f}" for f in "01"},
                    refs, 1),
     ]
+    cands[1]["vs_best"] = {"difference": -0.0123, "standard_error": 0.0045, "cases": 6}  # the first has none: n/a
     report = {"dataset": DATASET, "folds": ["0", "1"], "labels": LABELS, "notes": [NOTE], "best": cands[0]["name"],
               "candidates": cands}
     (find_best / "find_best.json").write_text(json.dumps(report, indent=1))
@@ -155,6 +156,7 @@ def test_report_page(report_setup, samplan_env):
         for k in LABELS:
             assert f"{c['mean'][k]['Dice']:.4f}" in text
     assert f"best: {report_setup['best']}" in text
+    assert "vs best (SE)" in text and "-0.0123 (0.0045)" in text and "n/a" in text
     assert NOTE in text
     # header, table, box plots, overlays, curves in this order
     positions = [text.index(h) for h in ("samplan_find_best report", "Candidates", "Dice per case",

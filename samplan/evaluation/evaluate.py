@@ -214,6 +214,14 @@ def _sorted_keys(obj: Any) -> Any:
     return obj
 
 
+def difference_text(d: dict[str, Any] | None) -> str:
+    """A paired difference with its standard error, as find_best's "vs best" ("-0.0058 (0.0017)"); "n/a" without one."""
+    if not d or d.get("difference") is None:
+        return "n/a"
+    se = "" if d.get("standard_error") is None else f" ({d['standard_error']:.4f})"
+    return f"{d['difference']:+.4f}{se}"
+
+
 def nan_to_none(obj: Any) -> Any:
     """`obj` with every NaN float replaced by None (JSON has no NaN)."""
     if isinstance(obj, dict):

@@ -17,6 +17,7 @@ import numpy as np
 
 from samplan.dataset.image_io import read_images, read_seg
 from samplan.errors import SamplanError
+from samplan.evaluation.evaluate import difference_text
 from samplan.paths import find_best_dir, preprocessed_root, raw_root, resolve_dataset_name
 from samplan.utils import atomic_path, load_json
 
@@ -103,7 +104,7 @@ def _table(report: Report, head1: str, head2: str, rows: list[list[str]], cls: s
 def candidate_table_html(report: Report, names: dict[str, str] | None = None) -> str:
     """The find-best table: one row per candidate (best first, highlighted), per-label metrics, Dice per fold."""
     labels, folds, names = report.get("labels") or [], [str(f) for f in report.get("folds") or []], names or {}
-    head1 = "".join(f'<th rowspan="2">{h}</th>' for h in ("#", "kind", "candidate", "fg Dice"))
+    head1 = "".join(f'<th rowspan="2">{h}</th>' for h in ("#", "kind", "candidate", "fg Dice", "vs best (SE)"))
     head1 += "".join(f'<th colspan="3">label {esc(_label_title(k, names))}</th>' for k in labels)
     head1 += f'<th colspan="{len(folds)}">fg Dice per fold</th>' if folds else ""
     head2 = "<th>Dice</th><th>HD95 [mm]</th><th>NSD</th>" * len(labels) + "".join(f"<th>{esc(f)}</th>" for f in folds)
@@ -111,7 +112,7 @@ def candidate_table_html(report: Report, names: dict[str, str] | None = None) ->
     for i, c in enumerate(report.get("candidates") or [], 1):
         cells = [_td(str(i)), f"<td>{esc(str(c.get('kind', '')))}</td>",
                  f'<td class="name">{esc(str(c.get("name", "")))}</td>',
-                 _td(f'<b>{_fmt((c.get("foreground_mean") or {}).get("Dice"))}</b>')]
+                 _td(f'<b>{_fmt((c.get("foreground_mean") or {}).get("Dice"))}</b>'), _td(difference_text(c.get("vs_best")))]
         for m in ((c.get("mean") or {}).get(k) or {} for k in labels):
             cells += [_td(_fmt(m.get("Dice"))), _td(_fmt(m.get("HD95"), 2)), _td(_fmt(m.get("NSD")))]
         rows.append(cells + [_td(_fmt((c.get("per_fold_dice") or {}).get(f))) for f in folds])

@@ -5,7 +5,9 @@ Steps: gather the candidates (samplan.pipeline.candidates) and make what is miss
 folds every kept candidate has (a candidate lacking one of them is left out with a message); ensembles of every pair
 of candidates, and of all when there are more than two (probabilities averaged in the original geometry); for every
 candidate the labels whose largest-component post-processing does not lower their mean Dice over the folds'
-validation cases; rank by the mean foreground Dice. Writes `find_best/find_best.json` (every candidate's metrics
+validation cases; rank by the mean foreground Dice, and give each candidate its per-case difference from the best
+with the standard error of that paired difference (so a lead smaller than the noise of the validation cases is seen as
+such; the ranking stays nnU-Net's: the highest mean). Writes `find_best/find_best.json` (every candidate's metrics
 per label, fold and case) and `inference_instructions.json` / `.txt` in the dataset's results folder.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from samplan.dataset.image_io import read_seg
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
-from samplan.evaluation.evaluate import dataset_settings, evaluate_folders, nan_to_none, summarize
+from samplan.evaluation.evaluate import (dataset_settings, difference_text, evaluate_folders, nan_to_none,
+                                        summarize)
 from samplan.evaluation.metrics import confusion_counts, label_key
 from samplan.inference.ensemble import ensemble_folders
 from samplan.inference.export import case_stem
@@ -82,6 +85,41 @@ def score(folders: dict[str, Path], label_keys: list[str]) -> dict[str, Any]:
     return {"mean": {k: {m: v.get(m) for m in ("Dice", "HD95", "NSD")} for k, v in mean.items()},
             "foreground_mean": {m: fg.get(m) for m in ("Dice", "HD95", "NSD")}, "per_fold_dice": per_fold,
             "per_case": slim}
+
+
+def case_foreground_dice(per_case: list[dict[str, Any]], label_keys: list[str]) -> dict[tuple[str, str], float]:
+    """{(fold, case): mean Dice of the foreground labels present in reference or prediction} of `score`'s per_case."""
+    fg = [k for k in label_keys if k != "0"]
+    out = {}
+    for c in per_case:
+        values = [c["metrics"][k]["Dice"] for k in fg if c["metrics"].get(k, {}).get("Dice") is not None]
+        values = [v for v in values if not np.isnan(v)]
+        if values:
+            out[(c["fold"], c["case"])] = float(np.mean(values))
+    return out
+
+
+def paired_difference(per_case: list[dict[str, Any]], best_per_case: list[dict[str, Any]],
+                      label_keys: list[str]) -> dict[str, Any]:
+    """Mean per-case foreground Dice of a candidate minus the best's over the cases both have, with the standard error
+    of that mean (sample SD / sqrt(n); None below two cases) and the number of cases."""
+    mine, best = case_foreground_dice(per_case, label_keys), case_foreground_dice(best_per_case, label_keys)
+    diffs = np.array([mine[k] - best[k] for k in sorted(mine.keys() & best.keys())])
+    if not diffs.size:
+        return {"difference": None, "standard_error": None, "cases": 0}
+    se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else None
+    return {"difference": float(diffs.mean()), "standard_error": se, "cases": int(diffs.size)}
+
+
+def within_noise(report: dict[str, Any], factor: float = 2.0) -> list[str]:
+    """Candidates (other than the best) whose mean lies within `factor` standard errors of the paired difference."""
+    out = []
+    for c in report["candidates"][1:]:
+        d = c.get("vs_best") or {}
+        if d.get("difference") is not None and d.get("standard_error") is not None \
+                and abs(d["difference"]) <= factor * d["standard_error"]:
+            out.append(c["name"])
+    return out
 
 
 def choose_postprocessing(folders: dict[str, Path], gt_dir: Path, labels: list[int], ending: str) -> list[int]:
@@ -150,8 +188,10 @@ def find_best(dataset: str | int, methods: Sequence[str] | None = None, folds: S
     if not members:
         raise SamplanError(f"no trained candidate for {name} under {results_root() / name}; train some with "
                            "samplan_train (folds 0..4), then run samplan_find_best again.")
+    asked = None if folds is None else {str(f) for f in folds}
     for m in members:
-        for f in list(m.folders):
+        # with folds named, make only theirs: a cascade on a 5-fold first stage would otherwise run all five
+        for f in [f for f in m.folders if asked is None or f in asked]:
             if needs_run(m, f, with_probabilities=True):
                 if not run:
                     notes.append(f"{m.name} fold {f}: validation predictions with probabilities are missing "
@@ -187,6 +227,8 @@ def find_best(dataset: str | int, methods: Sequence[str] | None = None, folds: S
             pp.result = score(pp.folders, keys)
             scored.append(pp)
     scored.sort(key=lambda c: -(c.result["foreground_mean"]["Dice"] or 0.0))
+    for c in scored:
+        c.result["vs_best"] = paired_difference(c.result["per_case"], scored[0].result["per_case"], keys)
     report = nan_to_none({"dataset": name, "folds": folds, "labels": keys, "notes": notes, "best": scored[0].name,
               "candidates": [_candidate_json(c) for c in scored]})
     root.mkdir(parents=True, exist_ok=True)
@@ -216,12 +258,18 @@ def instructions_text(report: dict[str, Any], instructions: dict[str, Any]) -> s
     """The human-readable table and commands."""
     keys = report["labels"]
     lines = [f"samplan_find_best on {report['dataset']}: folds {', '.join(report['folds'])}", ""]
-    header = f"{'candidate':<70} {'fg Dice':>8} " + " ".join(f"{'Dice ' + k:>9}" for k in keys) + "  per fold"
+    header = (f"{'candidate':<70} {'fg Dice':>8} {'vs best (SE)':>17} " + " ".join(f"{'Dice ' + k:>9}" for k in keys)
+              + "  per fold")
     lines += [header, "-" * len(header)]
     for c in report["candidates"]:
         per_label = " ".join(f"{(c['mean'][k]['Dice'] or float('nan')):9.4f}" for k in keys)
         folds = " ".join(f"{v:.4f}" for v in c["per_fold_dice"].values())
-        lines.append(f"{c['name'][:70]:<70} {c['foreground_mean']['Dice']:8.4f} {per_label}  {folds}")
-    lines += ["", f"best: {report['best']}", *[f"note: {n}" for n in report["notes"]], "",
+        lines.append(f"{c['name'][:70]:<70} {c['foreground_mean']['Dice']:8.4f} {difference_text(c.get('vs_best')):>17} {per_label}  {folds}")
+    close = within_noise(report)
+    lines += ["", f"best: {report['best']}",
+              *([f"within two standard errors of the best (paired over the validation cases): {'; '.join(close)}"]
+                if close else []),
+              *[f"note: {n}" for n in report["notes"]], "",
               "to predict new images:", *[f"  {cmd}" for cmd in instructions["commands"]], ""]
     return "\n".join(lines)
+
