@@ -214,6 +214,11 @@ def _sorted_keys(obj: Any) -> Any:
     return obj
 
 
+def case_dice(entry: dict[str, Any], labels: Sequence[str]) -> float:
+    """Mean Dice of one per_case entry over the labels, ignoring null and NaN (NaN when every label is)."""
+    return _nanmean([((entry.get("metrics") or {}).get(k) or {}).get("Dice") for k in labels])
+
+
 def difference_text(d: dict[str, Any] | None) -> str:
     """A paired difference with its standard error, as find_best's "vs best" ("-0.0058 (0.0017)"); "n/a" without one."""
     if not d or d.get("difference") is None:

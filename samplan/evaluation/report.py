@@ -17,7 +17,7 @@ import numpy as np
 
 from samplan.dataset.image_io import read_images, read_seg
 from samplan.errors import SamplanError
-from samplan.evaluation.evaluate import difference_text
+from samplan.evaluation.evaluate import case_dice, difference_text
 from samplan.paths import find_best_dir, preprocessed_root, raw_root, resolve_dataset_name
 from samplan.utils import atomic_path, load_json
 
@@ -53,11 +53,6 @@ def _nanmean(values: Iterable[Any]) -> float:
 
 def _dice_of(entry: dict[str, Any], label: str) -> Any:
     return ((entry.get("metrics") or {}).get(label) or {}).get("Dice")
-
-
-def case_dice(entry: dict[str, Any], labels: Sequence[str]) -> float:
-    """Mean Dice of one per_case entry over the labels, ignoring null (NaN when every label is null)."""
-    return _nanmean(_dice_of(entry, k) for k in labels)
 
 
 def label_names(dataset_json: dict[str, Any]) -> dict[str, str]:

@@ -22,8 +22,8 @@ import numpy as np
 from samplan.dataset.image_io import read_seg
 from samplan.dataset.labels import LabelManager
 from samplan.errors import SamplanError
-from samplan.evaluation.evaluate import (dataset_settings, difference_text, evaluate_folders, nan_to_none,
-                                        summarize)
+from samplan.evaluation.evaluate import (case_dice, dataset_settings, difference_text, evaluate_folders,
+                                        nan_to_none, summarize)
 from samplan.evaluation.metrics import confusion_counts, label_key
 from samplan.inference.ensemble import ensemble_folders
 from samplan.inference.export import case_stem
@@ -90,13 +90,8 @@ def score(folders: dict[str, Path], label_keys: list[str]) -> dict[str, Any]:
 def case_foreground_dice(per_case: list[dict[str, Any]], label_keys: list[str]) -> dict[tuple[str, str], float]:
     """{(fold, case): mean Dice of the foreground labels present in reference or prediction} of `score`'s per_case."""
     fg = [k for k in label_keys if k != "0"]
-    out = {}
-    for c in per_case:
-        values = [c["metrics"][k]["Dice"] for k in fg if c["metrics"].get(k, {}).get("Dice") is not None]
-        values = [v for v in values if not np.isnan(v)]
-        if values:
-            out[(c["fold"], c["case"])] = float(np.mean(values))
-    return out
+    dices = {(c["fold"], c["case"]): case_dice(c, fg) for c in per_case}
+    return {k: d for k, d in dices.items() if not np.isnan(d)}
 
 
 def paired_difference(per_case: list[dict[str, Any]], best_per_case: list[dict[str, Any]],
@@ -115,9 +110,8 @@ def within_noise(report: dict[str, Any], factor: float = 2.0) -> list[str]:
     """Candidates (other than the best) whose mean lies within `factor` standard errors of the paired difference."""
     out = []
     for c in report["candidates"][1:]:
-        d = c.get("vs_best") or {}
-        if d.get("difference") is not None and d.get("standard_error") is not None \
-                and abs(d["difference"]) <= factor * d["standard_error"]:
+        diff, se = ((c.get("vs_best") or {}).get(k) for k in ("difference", "standard_error"))
+        if diff is not None and se is not None and abs(diff) <= factor * se:
             out.append(c["name"])
     return out
 
@@ -264,7 +258,8 @@ def instructions_text(report: dict[str, Any], instructions: dict[str, Any]) -> s
     for c in report["candidates"]:
         per_label = " ".join(f"{(c['mean'][k]['Dice'] or float('nan')):9.4f}" for k in keys)
         folds = " ".join(f"{v:.4f}" for v in c["per_fold_dice"].values())
-        lines.append(f"{c['name'][:70]:<70} {c['foreground_mean']['Dice']:8.4f} {difference_text(c.get('vs_best')):>17} {per_label}  {folds}")
+        vs_best = difference_text(c.get("vs_best"))
+        lines.append(f"{c['name'][:70]:<70} {c['foreground_mean']['Dice']:8.4f} {vs_best:>17} {per_label}  {folds}")
     close = within_noise(report)
     lines += ["", f"best: {report['best']}",
               *([f"within two standard errors of the best (paired over the validation cases): {'; '.join(close)}"]
@@ -272,4 +267,3 @@ def instructions_text(report: dict[str, Any], instructions: dict[str, Any]) -> s
               *[f"note: {n}" for n in report["notes"]], "",
               "to predict new images:", *[f"  {cmd}" for cmd in instructions["commands"]], ""]
     return "\n".join(lines)
-
